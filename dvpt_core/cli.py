@@ -1,0 +1,172 @@
+"""The ``dvpt`` command: one subcommand per pipeline step, plus summary, run, promote and kfp.
+
+Every step subcommand parses the one configuration schema (``--params``, ``--preset``, ``--set``)
+and calls the same plain function the Kubeflow components call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from dvpt_core.config import ConfigError, ExperimentConfig, load_config
+
+log = logging.getLogger("dvpt")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, help="YAML experiment file (e.g. params.yaml)")
+    parser.add_argument("--preset", help="a named preset under dvpt_core/presets (e.g. ddr-paper)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set model.prompts=10 (repeatable)")
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.params, args.overrides, args.preset)
+
+
+def _print(result: dict) -> None:
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_generate_data(args: argparse.Namespace) -> dict:
+    from dvpt_core.data.synthetic.ddr import generate_ddr
+
+    cfg = _config(args)
+    generate_ddr(args.out, cfg.synthetic, cfg.data.class_names, overwrite=args.overwrite)
+    return {"data": str(args.out), **cfg.synthetic.model_dump()}
+
+
+def cmd_validate(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.validate import validate
+
+    return validate(_config(args), args.data, args.out)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.preprocess import preprocess
+
+    return preprocess(_config(args), args.data, args.out)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.train import train
+
+    return train(_config(args), args.cache, args.out, data_root=args.data)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.evaluate import evaluate
+
+    return evaluate(_config(args), args.cache, args.train, args.out)
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.export import export
+
+    return export(_config(args), args.cache, args.train, args.out)
+
+
+def cmd_register(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.register import register
+
+    return register(_config(args), args.train, args.export, args.out)
+
+
+def cmd_promote(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.register import promote
+
+    return promote(_config(args), args.version, args.alias)
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    """Every step in order, without DVC: the same functions ``dvc repro`` runs."""
+    from dvpt_core.steps.pipeline import run_all
+
+    return run_all(_config(args), args.data, args.out)
+
+
+def cmd_summary(args: argparse.Namespace) -> dict:
+    from dvpt_core.summary import summarize
+
+    overrides = [f"model.backbone={args.backbone}", f"model.method={args.method}", "model.weights=random",
+                 *args.overrides]
+    cfg = load_config(args.params, overrides, args.preset)
+    cfg.data.class_names = [f"class_{i}" for i in range(args.num_classes)]
+    return summarize(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dvpt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable, help_text: str, optional: tuple[str, ...] = (),
+            **paths: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _config_args(p)
+        for flag, path_help in paths.items():
+            p.add_argument(f"--{flag}", type=Path, required=flag not in optional, help=path_help)
+        p.set_defaults(func=func)
+        return p
+
+    gen = add("generate-data", cmd_generate_data, "write the built-in synthetic DR dataset (DDR layout)")
+    gen.add_argument("--out", type=Path, default=Path("data"), help="dataset folder (default: data)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    add("validate", cmd_validate, "check a dataset with Great Expectations",
+        data="dataset folder", out="folder for manifest, validation.json and Data Docs")
+    add("preprocess", cmd_preprocess, "resize and cache the splits as memory-mapped arrays",
+        data="dataset folder", out="cache folder")
+    add("train", cmd_train, "train the configured method on the frozen backbone (logs to MLflow)",
+        optional=("data",), cache="preprocessed cache folder", out="folder for the adapter and run.json",
+        data="dataset folder, for the DVC lineage hash (optional)")
+    add("evaluate", cmd_evaluate, "score the adapter on the test split",
+        cache="preprocessed cache folder", train="train step folder", out="metrics folder")
+    add("export", cmd_export, "export backbone + adapter to ONNX and check parity",
+        cache="preprocessed cache folder", train="train step folder", out="export folder")
+    add("register", cmd_register, "register the adapter in the MLflow model registry",
+        train="train step folder", export="export step folder", out="folder for registered.json")
+    promote = add("promote", cmd_promote, "point an alias (default champion) at a registered version")
+    promote.add_argument("--version", required=True, help="model version number")
+    promote.add_argument("--alias", default="champion")
+    run = add("run", cmd_run, "run every step in order without DVC")
+    run.add_argument("--data", type=Path, default=Path("data"))
+    run.add_argument("--out", type=Path, default=Path("outputs"))
+
+    summary = sub.add_parser("summary", help="trainable / total parameters and adapter size")
+    _config_args(summary)
+    summary.add_argument("--backbone", required=True, help="timm model name")
+    summary.add_argument("--method", default="dvpt")
+    summary.add_argument("--num-classes", type=int, required=True)
+    summary.add_argument("--json", action="store_true", help="print JSON only")
+    summary.set_defaults(func=cmd_summary)
+
+    from pipelines.cli import add_kfp_commands
+
+    add_kfp_commands(sub, _config_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        log.error("%s", err)
+        print(f"dvpt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if result is not None:
+        if result.get("random_weights") in (True, "true"):
+            print("WARNING: RANDOM WEIGHTS - this result comes from a randomly initialised backbone", file=sys.stderr)
+        _print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

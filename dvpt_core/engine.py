@@ -1,0 +1,73 @@
+"""The training and inference loops, free of any tracking or file I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dvpt_core.runtime import autocast
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    on_step: Callable[[int], None],
+    device: torch.device,
+    *,
+    amp: bool = False,
+    grad_clip: float | None = None,
+    max_steps: int | None = None,
+    desc: str = "train",
+) -> float:
+    """One pass; ``on_step`` receives the optimiser step count (for per-step LR schedules)."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, seen = 0.0, 0
+    progress = tqdm(batches, desc=desc, leave=False, total=_length(batches, max_steps))
+    for step, (images, labels) in enumerate(progress, start=1):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss = nn.functional.cross_entropy(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        on_step(step)
+        total += loss.item() * len(labels)
+        seen += len(labels)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if max_steps and step >= max_steps:
+            break
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    amp: bool = False,
+    desc: str = "predict",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, on the CPU) and labels for every batch."""
+    model.eval()
+    logits, labels = [], []
+    for images, target in tqdm(batches, desc=desc, leave=False):
+        with autocast(device, amp):
+            logits.append(model(images.to(device)).float().cpu())
+        labels.append(target)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _length(batches: Iterable, max_steps: int | None) -> int | None:
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return max_steps
+    return min(n, max_steps) if max_steps else n

@@ -1,0 +1,113 @@
+"""Frozen backbones from timm: weights, input size, normalisation and a fingerprint.
+
+An adapter is only meaningful over the exact frozen weights it was trained on, so every backbone
+carries a fingerprint of its weights that adapters record and check on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+
+from dvpt_core.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: backbone {name} is randomly initialised (model.weights=random, seed {seed}); "
+    "results say nothing about a pretrained model"
+)
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built or loaded as configured."""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What an adapter must record about the frozen backbone it was trained on."""
+
+    name: str
+    random_weights: bool
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    fingerprint: str
+    frozen_projection: bool
+
+
+def wants_frozen_projection(cfg: ModelConfig) -> bool:
+    """CLIP image towers end in a contrastive projection (768 -> 512) that the paper keeps frozen."""
+    if cfg.frozen_projection is not None:
+        return cfg.frozen_projection
+    return "clip" in cfg.backbone.lower()
+
+
+def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
+    """Build the frozen timm backbone the config names, with its weights, at ``cfg.image_size``.
+
+    timm resamples the absolute position embedding when pretrained weights meet another input
+    size (e.g. 288 for DDR), so any size divisible by the patch size works.
+    """
+    projection = wants_frozen_projection(cfg)
+    kwargs: dict = {"img_size": cfg.image_size}
+    if not projection:
+        kwargs["num_classes"] = 0
+    try:
+        if cfg.weights == "random":
+            log.warning(RANDOM_WEIGHTS_WARNING.format(name=cfg.backbone, seed=cfg.init_seed))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.init_seed)
+                model = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+        elif cfg.weights_file is not None:
+            model = timm.create_model(
+                cfg.backbone,
+                pretrained=True,
+                pretrained_cfg_overlay={"file": str(cfg.weights_file)},
+                **kwargs,
+            )
+        else:
+            model = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise BackboneError(_load_failure(cfg, err)) from err
+    if projection and not isinstance(getattr(model, "head", None), nn.Linear):
+        raise BackboneError(
+            f"model.frozen_projection is on but backbone {cfg.backbone} has no linear head to keep"
+        )
+    model.eval()
+    model.requires_grad_(False)
+    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    info = BackboneInfo(
+        name=cfg.backbone,
+        random_weights=cfg.weights == "random",
+        image_size=cfg.image_size,
+        mean=tuple(float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))),
+        fingerprint=fingerprint(model),
+        frozen_projection=projection,
+    )
+    return model, info
+
+
+def _load_failure(cfg: ModelConfig, err: Exception) -> str:
+    where = f"the local file {cfg.weights_file}" if cfg.weights_file else "the Hugging Face hub or its offline cache"
+    return (
+        f"could not load pretrained weights for backbone {cfg.backbone!r} from {where}: {err}. "
+        "Give a local checkpoint with model.weights_file=PATH, populate the Hugging Face cache "
+        "(HF_HUB_OFFLINE=1 then reads it without network), or set model.weights=random for a smoke run."
+    )
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

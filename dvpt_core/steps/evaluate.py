@@ -1,0 +1,48 @@
+"""Evaluate step: the trained adapter on the test split, as the paper scores DR grading."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+
+from dvpt_core.config import ExperimentConfig
+from dvpt_core.data.dataset import make_loader
+from dvpt_core.engine import predict
+from dvpt_core.metrics.classification import classification_metrics, confusion_matrix, plot_confusion_matrix
+from dvpt_core.peft.adapter import load_adapter
+from dvpt_core.runtime import resolve_device
+from dvpt_core.tracking import connect, read_run_file
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Path, split: str = "test") -> dict:
+    """Writes ``metrics.json`` (for DVC) and ``confusion_matrix.png``; logs both to the train run."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device)
+    model = load_adapter(Path(train_dir) / "adapter").to(device)
+    info = model.info
+    loader = make_loader(Path(cache_dir) / split, info.mean, info.std, False, cfg)
+    logits, labels = predict(model, loader, device, amp=cfg.train.amp, desc=f"evaluate {split}")
+    preds = logits.argmax(1)
+    num_classes = cfg.data.num_classes
+    metrics = classification_metrics(preds, labels, num_classes)
+    metrics["samples"] = int(len(labels))
+    matrix = confusion_matrix(preds, labels, num_classes)
+    title = f"{info.name} + {cfg.model.method} on {split}" + (" (RANDOM WEIGHTS)" if info.random_weights else "")
+    plot = plot_confusion_matrix(matrix, cfg.data.class_names, out_dir / "confusion_matrix.png", title)
+    report = {**metrics, "split": split, "random_weights": info.random_weights,
+              "confusion_matrix": matrix.tolist()}
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    run = read_run_file(train_dir)
+    connect(cfg)
+    with mlflow.start_run(run_id=run["run_id"]):
+        mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items()})
+        mlflow.log_artifact(str(plot))
+        mlflow.log_artifact(str(out_dir / "metrics.json"))
+    log.info("%s: kappa=%.4f accuracy=%.4f on %d images", split, metrics["kappa"], metrics["accuracy"], len(labels))
+    return report

@@ -1,0 +1,28 @@
+"""The whole pipeline in one process, in the order ``dvc.yaml`` and the KFP pipeline run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dvpt_core.config import ExperimentConfig
+from dvpt_core.steps.evaluate import evaluate
+from dvpt_core.steps.export import export
+from dvpt_core.steps.preprocess import preprocess
+from dvpt_core.steps.register import register
+from dvpt_core.steps.train import train
+from dvpt_core.steps.validate import validate
+
+# Sub-folders of the output root, the same names dvc.yaml uses for its outs.
+STEP_DIRS = ("validation", "cache", "train", "evaluation", "export", "registry")
+
+
+def run_all(cfg: ExperimentConfig, data_root: Path, out_root: Path) -> dict:
+    out = {name: Path(out_root) / name for name in STEP_DIRS}
+    validate(cfg, data_root, out["validation"])
+    preprocess(cfg, data_root, out["cache"])
+    trained = train(cfg, out["cache"], out["train"], data_root=data_root)
+    metrics = evaluate(cfg, out["cache"], out["train"], out["evaluation"])
+    exported = export(cfg, out["cache"], out["train"], out["export"])
+    registered = register(cfg, out["train"], out["export"], out["registry"])
+    return {"train": trained, "test": metrics, "export": exported, "registry": registered,
+            "random_weights": metrics["random_weights"]}
