@@ -1,0 +1,1 @@
+"""Built-in synthetic datasets, written in the on-disk formats real users hold."""
