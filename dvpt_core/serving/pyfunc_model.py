@@ -32,7 +32,9 @@ class DVPTAdapterModel(mlflow.pyfunc.PythonModel):
             overrides["weights_file"] = os.environ[WEIGHTS_FILE_ENV]
         self.model = load_adapter(context.artifacts[ADAPTER_ARTIFACT], overrides).cpu().eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    # No type hints on predict: MLflow would try to derive a schema from them; the signature
+    # logged with the model (a float32 tensor spec) describes the input instead.
+    def predict(self, context, model_input, params=None):
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images shaped (N, 3, H, W), got {tuple(images.shape)}")

@@ -43,6 +43,7 @@ def register(cfg: ExperimentConfig, train_dir: Path, export_dir: Path, out_dir: 
             python_model=pyfunc_model.__file__,
             artifacts={pyfunc_model.ADAPTER_ARTIFACT: str(adapter_dir)},
             signature=signature,
+            input_example=example,
             pip_requirements=SERVING_REQUIREMENTS,
             registered_model_name=name,
         )

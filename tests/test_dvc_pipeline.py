@@ -1,0 +1,80 @@
+"""`dvc repro` runs every step on a tiny dataset and registers a servable adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dvpt_core.data.dataset import CachedSplit
+from dvpt_core.peft.adapter import load_adapter
+from tests.helpers import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _tiny_params(tracking_uri: str) -> dict:
+    params: dict = {}
+    for item in [*TINY, f"tracking.tracking_uri={tracking_uri}", "tracking.registered_model=dvc-tiny"]:
+        key, value = item.split("=", 1)
+        *sections, leaf = key.split(".")
+        node = params
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
+@pytest.mark.slow
+def test_dvc_repro_registers_a_challenger_that_predicts_like_the_model(tmp_path, mlflow_server) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", project)
+    shutil.copytree(ROOT / "dvpt_core", project / "dvpt_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "params.yaml").write_text(yaml.safe_dump(_tiny_params(mlflow_server)))
+    assert _dvc(project, "init", "--no-scm", "-q").returncode == 0
+    subprocess.run([sys.executable, "-m", "dvpt_core.cli", "generate-data", "--params", "params.yaml",
+                    "--out", "data"], cwd=project, check=True, capture_output=True)
+    assert _dvc(project, "add", "data").returncode == 0
+    repro = _dvc(project, "repro")
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    for stage in ("validate", "preprocess", "train", "evaluate", "export", "register"):
+        assert f"Running stage '{stage}'" in repro.stdout
+
+    registered = json.loads((project / "outputs/registry/registered.json").read_text())
+    assert registered["alias"] == "challenger"
+    metrics = json.loads((project / "outputs/evaluation/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["random_weights"] is True
+    assert (project / "outputs/export/model.onnx").stat().st_size > 0
+    assert json.loads((project / "outputs/export/export.json").read_text())["max_abs_diff"] <= 1e-4
+
+    mlflow.set_tracking_uri(mlflow_server)
+    version = mlflow.MlflowClient().get_model_version_by_alias("dvc-tiny", "challenger")
+    assert version.version == registered["version"]
+    assert version.tags["random_weights"] == "true"
+    assert version.tags["data_dvc_md5"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    pyfunc = mlflow.pyfunc.load_model("models:/dvc-tiny@challenger")
+    model = load_adapter(project / "outputs/train/adapter")
+    split = CachedSplit(project / "outputs/cache/test", model.info.mean, model.info.std)
+    batch = torch.stack([split[i][0] for i in range(4)])
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    np.testing.assert_allclose(pyfunc.predict(batch.numpy()), expected, atol=1e-5, rtol=0)
+
+    again = _dvc(project, "repro")
+    assert again.returncode == 0 and "Running stage" not in again.stdout
