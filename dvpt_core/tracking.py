@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,14 @@ def dvc_data_hash(data_root: Path) -> str:
 
 
 def git_commit(cwd: Path | None = None) -> str:
+    """The checkout's commit (``-dirty`` if tracked files changed); in a container built from
+    ``infra/Dockerfile``, the commit it was built from (``$DVPT_GIT_COMMIT``)."""
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("DVPT_GIT_COMMIT", "unknown")
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                            capture_output=True, text=True).stdout.strip()
     return result.stdout.strip() + ("-dirty" if dirty else "")

@@ -1,0 +1,127 @@
+"""The bodies of the six KFP components, one per ``dvpt_core.steps`` function.
+
+KFP serialises each function's source into the component, so every body imports what it needs
+inside itself and does no work of its own: it parses ``config_json`` (the one schema), calls the
+step function with the artifacts' local paths, and copies the step's result into KFP metadata.
+The helpers at the bottom travel with each component through ``additional_funcs``
+(see ``components.build_components``).
+
+No ``from __future__ import annotations`` here: KFP reads the artifact annotations at
+decoration time and needs them as real types (the helpers quote ``Path``, which the serialised
+module does not import). KFP's executor already sends logging to the pod log at INFO, so the
+steps' own logs need no set-up here.
+"""
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def validate(config_json: str, data_dir: str, validation: Output[Artifact], data_docs: Output[HTML],
+             metrics: Output[Metrics]):
+    """Great Expectations over ``data_dir``; fails the run (naming every bad file) on bad data.
+
+    ``validation`` keeps the manifest, ``validation.json`` and the whole Data Docs site;
+    ``data_docs`` is the suite's result page, the one HTML file the KFP UI can show inline.
+    """
+    import shutil
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.validate import DOCS_DIR
+    from dvpt_core.steps.validate import validate as step
+
+    cfg = ExperimentConfig.from_json(config_json)
+    summary = step(cfg, Path(data_dir), Path(validation.path))
+    (page,) = (Path(validation.path) / DOCS_DIR / "validations").rglob("*.html")
+    shutil.copyfile(page, data_docs.path)
+    validation.metadata["images"] = summary["images"]
+    _log_scalars(metrics, {"images": summary["images"], "counts": summary["counts"]})
+
+
+def preprocess(config_json: str, data_dir: str, cache: Output[Dataset], metrics: Output[Metrics]):
+    """Resized splits as memory-mapped arrays: the input every later step reads."""
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.preprocess import preprocess as step
+
+    meta = step(ExperimentConfig.from_json(config_json), Path(data_dir), Path(cache.path))
+    cache.metadata["inputs_sha256"] = meta["inputs_sha256"]
+    _log_scalars(metrics, meta)
+
+
+def train(config_json: str, data_dir: str, cache: Input[Dataset], model: Output[Model],
+          metrics: Output[Metrics]):
+    """The train step folder (``adapter/``, ``run.json``, ``history.csv``) as a Model artifact.
+
+    ``data_dir`` is passed so the MLflow run records the dataset's DVC hash where one exists.
+    """
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.train import train as step
+
+    cfg = ExperimentConfig.from_json(config_json)
+    summary = step(cfg, Path(cache.path), Path(model.path), data_root=Path(data_dir))
+    model.metadata.update({key: summary[key] for key in ("run_id", "backbone", "method", "random_weights")})
+    _log_scalars(metrics, summary)
+
+
+def evaluate(config_json: str, cache: Input[Dataset], model: Input[Model], evaluation: Output[Artifact],
+             confusion_matrix: Output[HTML], metrics: Output[Metrics]):
+    """Test-split kappa and accuracy; the confusion matrix as an inline HTML page."""
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.evaluate import evaluate as step
+
+    cfg = ExperimentConfig.from_json(config_json)
+    report = step(cfg, Path(cache.path), Path(model.path), Path(evaluation.path))
+    _image_page(Path(evaluation.path) / "confusion_matrix.png", Path(confusion_matrix.path),
+                f"Confusion matrix on {report['split']}" + (" (RANDOM WEIGHTS)" if report["random_weights"] else ""))
+    _log_scalars(metrics, report)
+
+
+def export(config_json: str, cache: Input[Dataset], model: Input[Model], onnx_model: Output[Model],
+           metrics: Output[Metrics]):
+    """``model.onnx`` and ``export.json``; fails when ONNX Runtime disagrees with PyTorch."""
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.export import export as step
+
+    cfg = ExperimentConfig.from_json(config_json)
+    report = step(cfg, Path(cache.path), Path(model.path), Path(onnx_model.path))
+    onnx_model.metadata.update({key: report[key] for key in ("opset", "input", "output", "random_weights")})
+    _log_scalars(metrics, report)
+
+
+def register(config_json: str, model: Input[Model], onnx_model: Input[Model], registration: Output[Artifact]):
+    """A new MLflow model version with the configured alias; ``registered.json`` says which."""
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.register import register as step
+
+    cfg = ExperimentConfig.from_json(config_json)
+    result = step(cfg, Path(model.path), Path(onnx_model.path), Path(registration.path))
+    registration.metadata.update(result)
+
+
+def _log_scalars(metrics: Metrics, values: dict, prefix: str = ""):
+    """Every number in a step's result (nested dicts as dotted names) as a KFP metric."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _log_scalars(metrics, value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(f"{prefix}{key}", value)
+
+
+def _image_page(png: "Path", html: "Path", title: str):
+    """A one-file HTML page with the PNG inlined, so the KFP UI can show it without a server."""
+    import base64
+    import html as markup
+
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    html.write_text(f'<!doctype html><meta charset="utf-8"><title>{markup.escape(title)}</title>'
+                    f'<h3>{markup.escape(title)}</h3><img alt="{markup.escape(title)}" '
+                    f'src="data:image/png;base64,{data}">\n')

@@ -1,0 +1,158 @@
+"""The DVPT Kubeflow pipeline: validate -> preprocess -> train -> (evaluate, export) -> register.
+
+Every task runs a component from :mod:`components`, i.e. the same ``dvpt_core.steps`` function
+``dvc repro`` runs; the pipeline only wires artifacts between them. It takes two parameters:
+``data_dir``, a dataset folder the pods can see (a mounted volume, or a folder ``dvc pull`` filled),
+and ``config_json``, the whole :class:`~dvpt_core.config.ExperimentConfig`, defaulting at compile
+time to the configuration the user compiled with.
+
+Caching is off for every task: KFP would key a cache hit on the ``data_dir`` string, not on the
+files under it, and a cached train or register task would skip its MLflow run or model version.
+
+No ``from __future__ import annotations``: ``dsl.pipeline`` reads the pipeline function's
+annotations as real types.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import kfp
+from kfp import compiler, dsl, kubernetes, local
+from kfp.dsl.graph_component import GraphComponent
+
+from components import build_components
+from dvpt_core.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+PIPELINE_NAME = "dvpt-pipeline"
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
+DATA_MOUNT = "/mnt/data"
+
+
+def build_pipeline(image: str | None = None, data_pvc: str | None = None) -> GraphComponent:
+    """The pipeline with every component in ``image`` (default ``$DVPT_IMAGE`` or the local tag).
+
+    ``data_pvc`` names a PersistentVolumeClaim mounted at ``/mnt/data`` in the tasks that read
+    ``data_dir`` (which then lies under ``/mnt/data``). The pipeline's outputs: the trained adapter,
+    the registration record and the test metrics.
+    """
+    step = build_components(image)
+    outputs = NamedTuple(
+        "Outputs", [("model", dsl.Model), ("registration", dsl.Artifact), ("test_metrics", dsl.Metrics)]
+    )
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
+    def dvpt_pipeline(data_dir: str, config_json: str) -> outputs:
+        validated = step.validate(config_json=config_json, data_dir=data_dir)
+        cached = step.preprocess(config_json=config_json, data_dir=data_dir).after(validated)
+        cache = cached.outputs["cache"]
+        trained = step.train(config_json=config_json, data_dir=data_dir, cache=cache)
+        model = trained.outputs["model"]
+        evaluated = step.evaluate(config_json=config_json, cache=cache, model=model)
+        exported = step.export(config_json=config_json, cache=cache, model=model)
+        # After evaluate too: a model whose evaluation failed is never registered.
+        registered = step.register(
+            config_json=config_json, model=model, onnx_model=exported.outputs["onnx_model"]
+        ).after(evaluated)
+        for task in (validated, cached, trained, evaluated, exported, registered):
+            task.set_caching_options(enable_caching=False)
+        if data_pvc:
+            for task in (validated, cached, trained):
+                kubernetes.mount_pvc(task, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+        return outputs(model=model, registration=registered.outputs["registration"],
+                       test_metrics=evaluated.outputs["metrics"])
+
+    return dvpt_pipeline
+
+
+def compile_pipeline(
+    out_path: Path, cfg: ExperimentConfig, image: str | None = None, data_pvc: str | None = None
+) -> Path:
+    """Compile to KFP IR YAML with ``config_json`` defaulting to ``cfg``; returns ``out_path``.
+
+    ``image`` and ``data_pvc`` as in :func:`build_pipeline`.
+    """
+    uri = cfg.tracking.tracking_uri
+    if not (uri or "").startswith(("http://", "https://")):
+        log.warning(
+            "tracking.tracking_uri is %r: each KFP step runs in its own pod, so train, evaluate and "
+            "register share runs only through an MLflow server (infra/k8s: "
+            "http://mlflow.mlflow.svc.cluster.local:5000) or $MLFLOW_TRACKING_URI set in the pods", uri,
+        )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(
+        build_pipeline(image, data_pvc), str(out_path), pipeline_parameters={"config_json": cfg.to_json()}
+    )
+    return out_path
+
+
+def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dict:
+    """Run the whole pipeline offline, each task a subprocess of this Python environment.
+
+    Uses ``kfp.local`` with ``SubprocessRunner(use_venv=False)``: the default venv mode would
+    pip-install per task. Outputs land under ``pipeline_root``. Returns what the register task
+    wrote (``registered.json``) plus the test metrics, the random-weights flag (the CLI warns on
+    it) and where the artifacts are.
+    """
+    pipeline_root = Path(pipeline_root).resolve()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        workspace_root=str(pipeline_root / ".workspace"),
+    )
+    # kfp.local prints its own and every task's logs to stdout; stdout is for the result (the CLI
+    # prints it as JSON), so they go to stderr.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        # kfp.local warns for any image whose name lacks "python": here the tasks run in this
+        # environment, never in the image, so the warning says nothing about this run.
+        warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+        task = build_pipeline()(data_dir=str(Path(data_dir).resolve()), config_json=cfg.to_json())
+    registration = Path(task.outputs["registration"].path)
+    registered = json.loads((registration / "registered.json").read_text())
+    # kfp.local writes <pipeline_root>/<run>/<task>/<output>: every task's outputs sit in run_dir.
+    return {**registered, "test_metrics": dict(task.outputs["test_metrics"].metadata),
+            "random_weights": task.outputs["model"].metadata["random_weights"],
+            "run_dir": str(registration.parents[1])}
+
+
+def submit(
+    pipeline: Path | ExperimentConfig,
+    host: str,
+    data_dir: str,
+    experiment: str = "dvpt",
+    namespace: str | None = None,
+    token: str | None = None,
+    run_name: str | None = None,
+    image: str | None = None,
+    data_pvc: str | None = None,
+) -> dict:
+    """Submit a run to a Kubeflow Pipelines host; returns the run id and its UI address.
+
+    ``pipeline`` is a compiled package (whose ``config_json`` default is the configuration it was
+    compiled with) or a configuration to compile now with ``image`` and ``data_pvc``. ``token`` (else
+    ``$KF_PIPELINES_TOKEN``) is a bearer token, e.g. ``kubectl create token`` for a service
+    account allowed to use the Kubeflow profile ``namespace``.
+    """
+    token = token or os.environ.get(TOKEN_ENV) or None
+    # kfp.Client's own namespace default ("kubeflow") stands when no profile namespace is given.
+    profile = {"namespace": namespace} if namespace else {}
+    client = kfp.Client(host=host, existing_token=token, **profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = (
+            compile_pipeline(Path(tmp) / "pipeline.yaml", pipeline, image, data_pvc)
+            if isinstance(pipeline, ExperimentConfig) else Path(pipeline)
+        )
+        result = client.create_run_from_pipeline_package(
+            str(package), arguments={"data_dir": data_dir}, run_name=run_name,
+            experiment_name=experiment, namespace=namespace,
+        )
+    return {"run_id": result.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}",
+            "experiment": experiment, "namespace": namespace, "data_dir": data_dir}
