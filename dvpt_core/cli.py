@@ -161,11 +161,23 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         print(f"dvpt {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if result is not None:
-        if result.get("random_weights") in (True, "true"):
-            print("WARNING: RANDOM WEIGHTS - this result comes from a randomly initialised backbone", file=sys.stderr)
+    if result.get("random_weights") in (True, "true"):
+        print("WARNING: RANDOM WEIGHTS - this result comes from a randomly initialised backbone", file=sys.stderr)
+    if args.command == "summary" and not args.json:
+        print(_summary_text(result))
+    else:
         _print(result)
     return 0
+
+
+def _summary_text(summary: dict) -> str:
+    lines = [
+        f"{summary['backbone']} + {summary['method']} ({summary['num_classes']} classes)",
+        f"  trainable  {summary['trainable']:>13,}  ({summary['trainable_percent']:.3f}% of {summary['total']:,})",
+        f"  adapter    {summary['adapter_bytes']:>13,} bytes",
+    ]
+    lines += [f"    {part:<20} {count:>11,}" for part, count in summary["trainable_by_part"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
