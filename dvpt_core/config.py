@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
@@ -27,15 +27,81 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
-    """Where the dataset lives and what its labels mean."""
+DDR_GRADES = ["no DR", "mild", "moderate", "severe", "proliferative"]
 
-    format: Literal["ddr"] = "ddr"
-    class_names: list[str] = Field(
-        default_factory=lambda: ["no DR", "mild", "moderate", "severe", "proliferative"]
-    )
+# What an on-disk format implies for the other data settings; applied when a configuration is
+# parsed, to keys it does not set itself. Segmentation class 0 is always the background. Synapse's
+# classes are the 8 organs TransUNet evaluates, in TransUNet's order (see formats/synapse.py).
+FORMAT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddr": {"task": "classification", "class_names": DDR_GRADES},
+    # No official split: the paper reports 5-fold cross-validation.
+    "kvasir": {"task": "segmentation", "class_names": ["background", "polyp"], "folds": 5},
+    "isic2016": {"task": "segmentation", "class_names": ["background", "lesion"]},
+    # The paper's 70 / 10 / 20 patient split is the default val/test fractions.
+    "acdc": {"task": "segmentation", "class_names": ["background", "RV", "MYO", "LV"]},
+    "synapse": {
+        "task": "segmentation",
+        "class_names": ["background", "aorta", "gallbladder", "kidney_left", "kidney_right",
+                        "liver", "pancreas", "spleen", "stomach"],
+    },
+}
+DataFormat = Literal["auto", "ddr", "kvasir", "isic2016", "acdc", "synapse", "folder", "csv"]
+
+
+class DataConfig(_Strict):
+    """Where the dataset lives, what its labels mean and how it is split.
+
+    ``format`` names the on-disk layout (``auto``: detected from the files, see
+    ``dvpt_core.data.formats``); choosing a format also sets ``task``, ``class_names`` (and for
+    Kvasir-SEG ``folds``) unless the configuration sets them itself. Splits the dataset does not
+    ship are carved by patient (or image) with ``split_seed``: ``test_fraction`` and
+    ``val_fraction`` of the pool, or with ``folds`` > 1, fold ``fold`` as the held-out split.
+    ``label_ratio`` keeps that share of the training split (nested: a smaller ratio's subset lies
+    inside a larger one's for the same seed), for the paper's data-efficiency study (Table 4).
+    """
+
+    format: DataFormat = "ddr"
+    task: Literal["classification", "segmentation"] = "classification"
+    class_names: list[str] = Field(default_factory=lambda: list(DDR_GRADES), min_length=2)
     # Images larger than this are refused before decoding (decompression bombs).
     max_pixels: int = Field(default=40_000_000, gt=0)
+    split_seed: int = 0
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # 1: a hold-out split. k > 1: k folds; fold ``fold`` is the test split, or the validation split
+    # when the dataset ships its own test split.
+    folds: int = Field(default=1, ge=1)
+    fold: int = Field(default=0, ge=0)
+    label_ratio: float = Field(default=1.0, gt=0, le=1)
+    # Binary masks: a pixel at or above this value is foreground (JPEG masks are lossy, so never
+    # exactly 0/255). Masks already holding 0/1 are taken as they are.
+    mask_threshold: int = Field(default=128, ge=1, le=255)
+    # The ``csv`` format: the table (relative to the dataset root) naming images and labels or masks.
+    csv_file: str = "dataset.csv"
+    # Synapse label values: "transunet8" = TransUNet's released files (0-8, already the 8 organs);
+    # "btcv13" = the raw 13-organ labels, mapped to the 8 organs on reading.
+    synapse_labels: Literal["transunet8", "btcv13"] = "transunet8"
+    # Validation refuses files that resolve outside the dataset root (``..``, symlinks); these
+    # directories are trusted too, e.g. the DVC cache when DVC checks data out as symlinks.
+    link_roots: list[Path] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_defaults(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("format") in FORMAT_DEFAULTS:
+            return {**FORMAT_DEFAULTS[raw["format"]], **raw}
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        if self.fold >= self.folds:
+            raise ValueError(f"data.fold={self.fold} must be below data.folds={self.folds}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction} "
+                "leaves nothing to train on"
+            )
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -43,23 +109,78 @@ class DataConfig(_Strict):
 
 
 class SyntheticConfig(_Strict):
-    """The built-in DR-like dataset: sizes per split, raw image size and seed."""
+    """The built-in datasets: DR grading (``train``/``valid``/``test`` images, DDR layout),
+    polyp-like segmentation (``seg_images``, Kvasir-SEG layout) and cardiac-like MRI
+    (``volumes`` patients of ``slices`` slices, ACDC layout); raw image size and seed for all."""
 
     train: int = Field(default=240, ge=1)
     valid: int = Field(default=60, ge=1)
     test: int = Field(default=100, ge=1)
+    seg_images: int = Field(default=100, ge=5)
+    volumes: int = Field(default=10, ge=3)
+    slices: int = Field(default=8, ge=2)
     image_size: int = Field(default=160, ge=32)
     seed: int = 0
+
+
+class VPTConfig(_Strict):
+    """VPT (Jia et al., 2022): ``prompts`` tokens after cls, at the input (shallow) or a fresh set
+    before every block (deep). VPT tunes the length per task over {1, 5, 10, 50, 100, 200}; 50 is
+    the value this project compares at. Its prompt dropout is 0."""
+
+    prompts: int = Field(default=50, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class AdaptFormerConfig(_Strict):
+    """AdaptFormer (Chen et al., 2022), the official code's image defaults: bottleneck 64, scale 0.1,
+    dropout 0.1, no LayerNorm in the branch. ``layer_norm=True`` is its "in" option, which the DVPT
+    authors' baseline uses (their Table 1 counts it)."""
+
+    bottleneck: int = Field(default=64, ge=1)
+    scale: float = 0.1
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    layer_norm: bool = False
+
+
+class LoRAConfig(_Strict):
+    """LoRA (Hu et al., 2021): W + (alpha / rank) * B A on the attention's linear layers."""
+
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=8.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: list[Literal["qkv", "proj"]] = Field(default_factory=lambda: ["qkv"], min_length=1)
+
+
+class SwinDVPTConfig(_Strict):
+    """DVPT on Swin backbones, as the authors' released Swin-B code sets it: 10 prompts per block,
+    a bottleneck of d'=10 shared by every 3 consecutive blocks of a stage, QuickGELU, prompts from
+    a normal of std 0.02. ``prompts=0`` drops the prompt cross-attention (CAVPT)."""
+
+    prompts: int = Field(default=10, ge=0)
+    hidden_dim: int = Field(default=10, ge=1)
+    share_every: int = Field(default=3, ge=1)
+    activation: Literal["gelu", "quick_gelu", "relu"] = "quick_gelu"
+    prompt_init_std: float = Field(default=0.02, ge=0)
+
+
+# Set by create_backbone itself; everything else in model.backbone_kwargs goes to timm.create_model.
+RESERVED_BACKBONE_KWARGS = frozenset({"img_size", "num_classes", "pretrained", "pretrained_cfg_overlay"})
 
 
 class ModelConfig(_Strict):
     """Backbone, weights and the PEFT method with its settings.
 
-    DVPT's settings sit at this level (``model.prompts`` = m, ``model.hidden_dim`` = d',
-    ``model.share_every`` = s); defaults are the paper's (section 4.3: m=50, d'=20, s=1).
+    DVPT's settings for ViTs sit at this level (``model.prompts`` = m, ``model.hidden_dim`` = d',
+    ``model.share_every`` = s); defaults are the paper's (section 4.3: m=50, d'=20, s=1). On Swin
+    backbones DVPT reads ``model.swin`` instead; ``model.gate_init`` applies to both. The baselines
+    read their own sub-sections (``model.vpt``, ``model.adaptformer``, ``model.lora``); linear
+    probing, full fine-tuning and SSF have no settings.
     """
 
     backbone: str = "vit_base_patch16_clip_224.openai"
+    # Extra timm.create_model arguments (e.g. a smaller Swin for tests: embed_dim, depths, num_heads).
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     # "pretrained": timm's hub weights, or ``weights_file`` when given (no network needed).
     # "random": random initialisation, for tests and smoke runs only; every output says so.
     weights: Literal["pretrained", "random"] = "pretrained"
@@ -67,7 +188,7 @@ class ModelConfig(_Strict):
     # Seed of a random initialisation, so the same "random" backbone can be rebuilt to load an adapter.
     init_seed: int = 0
     image_size: int = Field(default=224, ge=16)
-    method: Literal["dvpt"] = "dvpt"
+    method: Literal["dvpt", "linear", "full", "vpt_shallow", "vpt_deep", "ssf", "adaptformer", "lora"] = "dvpt"
     prompts: int = Field(default=50, ge=0)
     hidden_dim: int = Field(default=20, ge=1)
     share_every: int = Field(default=1, ge=1)
@@ -82,12 +203,24 @@ class ModelConfig(_Strict):
     # Keep the backbone's own frozen head as a projection before the classifier
     # (CLIP: 768 -> 512). None decides from the backbone: True for CLIP image towers.
     frozen_projection: bool | None = None
+    swin: SwinDVPTConfig = Field(default_factory=SwinDVPTConfig)
+    vpt: VPTConfig = Field(default_factory=VPTConfig)
+    adaptformer: AdaptFormerConfig = Field(default_factory=AdaptFormerConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
     @field_validator("weights_file")
     @classmethod
     def _weights_file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not Path(value).is_file():
             raise ValueError(f"model.weights_file {value} does not exist")
+        return value
+
+    @field_validator("backbone_kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(RESERVED_BACKBONE_KWARGS & set(value))
+        if reserved:
+            raise ValueError(f"set {reserved} through model.image_size / model.weights, not model.backbone_kwargs")
         return value
 
 

@@ -1,8 +1,8 @@
 """PyTorch access to a preprocessed split (``dvpt_core.steps.preprocess``'s array cache).
 
-Images are memory-mapped, never loaded whole: a worker touches only the pages of the images it
-returns, and several workers share the page cache. Augmentation uses torchvision's
-``transforms.v2`` so the operations are the library's tested ones.
+Images (and segmentation masks) are memory-mapped, never loaded whole: a worker touches only the
+pages of the samples it returns, and several workers share the page cache. Augmentation is
+``dvpt_core.data.transforms`` (torchvision's ``transforms.v2``, joint for image and mask).
 """
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from dvpt_core.config import ExperimentConfig, TrainConfig
-from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE
+from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, MASKS_FILE
+from dvpt_core.data.transforms import apply, build_transform
 
 
 class CachedSplit(Dataset):
-    """``(float tensor 3 x S x S normalised with mean/std, int label)`` per preprocessed image.
+    """Per preprocessed image: ``(float tensor 3 x S x S normalised with mean/std, target)``.
 
-    ``augment`` (the training settings) turns on random resized crops back to the same size and
-    horizontal/vertical flips as configured; ``None`` returns images unchanged apart from
-    normalisation. Random draws come from torch's generator (seeded per DataLoader worker).
+    The target is the int label of a classification cache, or the int64 S x S label map of a
+    segmentation cache (one whose split holds ``masks.npy``). ``augment`` (the training settings)
+    turns on random resized crops back to the same size and horizontal/vertical flips as
+    configured, applied identically to image and mask; ``None`` returns images unchanged apart
+    from normalisation. Random draws come from torch's generator (seeded per DataLoader worker).
     """
 
     def __init__(
@@ -35,58 +37,53 @@ class CachedSplit(Dataset):
         augment: TrainConfig | None = None,
     ) -> None:
         self.split_dir = Path(split_dir)
-        self.labels = _load_labels(self.split_dir)
-        self._images: np.ndarray | None = None
+        self.segmentation = (self.split_dir / MASKS_FILE).is_file()
+        self.labels = None if self.segmentation else _load(self.split_dir, LABELS_FILE)
+        self._arrays: dict[str, np.ndarray] = {}
         shape = self.images.shape
         if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
             raise ValueError(f"{self.split_dir / IMAGES_FILE}: expected N x S x S x 3 images, got shape {shape}")
-        if shape[0] != len(self.labels):
+        if self.segmentation and self.masks.shape != shape[:3]:
+            raise ValueError(f"{self.split_dir / MASKS_FILE}: expected {shape[:3]} label maps, got shape {self.masks.shape}")
+        if not self.segmentation and len(self.labels) != shape[0]:
             raise ValueError(
                 f"{self.split_dir}: {shape[0]} images in {IMAGES_FILE} but {len(self.labels)} labels in {LABELS_FILE}"
             )
         self.transform = build_transform(shape[1], mean, std, augment)
 
+    def _mapped(self, name: str) -> np.ndarray:
+        """A memory-mapped array, opened lazily so each DataLoader worker maps its own."""
+        if name not in self._arrays:
+            self._arrays[name] = _load(self.split_dir, name, mmap_mode="r")
+        return self._arrays[name]
+
     @property
     def images(self) -> np.ndarray:
-        """The memory-mapped images, opened lazily so each DataLoader worker maps its own."""
-        if self._images is None:
-            self._images = np.load(self.split_dir / IMAGES_FILE, mmap_mode="r")
-        return self._images
+        return self._mapped(IMAGES_FILE)
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self._mapped(MASKS_FILE)
 
     def __getstate__(self) -> dict:
         # Pickling a memmap copies the whole array into the worker; send the path instead.
-        return {**self.__dict__, "_images": None}
+        return {**self.__dict__, "_arrays": {}}
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         # np.array copies out of the read-only map (torch wants writable memory).
         image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)
-        return self.transform(image), int(self.labels[index])
+        if not self.segmentation:
+            return apply(self.transform, image)[0], int(self.labels[index])
+        return apply(self.transform, image, torch.from_numpy(np.array(self.masks[index])))
 
 
-def _load_labels(split_dir: Path) -> np.ndarray:
-    for name in (IMAGES_FILE, LABELS_FILE):
-        if not (split_dir / name).is_file():
-            raise FileNotFoundError(f"{split_dir / name} does not exist; run the preprocess step first")
-    return np.load(split_dir / LABELS_FILE)
-
-
-def build_transform(
-    size: int, mean: Sequence[float], std: Sequence[float], augment: TrainConfig | None
-) -> v2.Compose:
-    """uint8 3 x S x S -> normalised float32, with the configured augmentation first."""
-    steps: list[v2.Transform] = []
-    if augment is not None:
-        if tuple(augment.crop_scale) != (1.0, 1.0):
-            steps.append(v2.RandomResizedCrop(size, scale=tuple(augment.crop_scale), antialias=True))
-        if augment.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if augment.vflip:
-            steps.append(v2.RandomVerticalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
+def _load(split_dir: Path, name: str, mmap_mode: str | None = None) -> np.ndarray:
+    if not (split_dir / name).is_file():
+        raise FileNotFoundError(f"{split_dir / name} does not exist; run the preprocess step first")
+    return np.load(split_dir / name, mmap_mode=mmap_mode)
 
 
 def make_loader(

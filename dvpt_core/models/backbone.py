@@ -55,7 +55,7 @@ def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
     size (e.g. 288 for DDR), so any size divisible by the patch size works.
     """
     projection = wants_frozen_projection(cfg)
-    kwargs: dict = {"img_size": cfg.image_size}
+    kwargs: dict = {**cfg.backbone_kwargs, "img_size": cfg.image_size}
     if not projection:
         kwargs["num_classes"] = 0
     try:

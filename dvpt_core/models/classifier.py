@@ -12,6 +12,12 @@ from torch import nn
 from dvpt_core.models.backbone import BackboneInfo
 
 
+class AdapterLayer(nn.Module):
+    """Marks trainable layers that a method places inside the frozen backbone, so that they follow
+    the classifier's train/eval mode (their dropout) while the backbone around them stays in eval.
+    They must not hold frozen modules whose behaviour depends on that mode."""
+
+
 class AdaptedClassifier(nn.Module):
     """Base of every method's model; subclasses implement ``features`` and mark what trains."""
 
@@ -37,6 +43,9 @@ class AdaptedClassifier(nn.Module):
         """Frozen parts stay in eval mode so their dropout and norms behave as at inference."""
         super().train(mode)
         self.backbone.eval()
+        for module in self.backbone.modules():
+            if isinstance(module, AdapterLayer):
+                module.train(mode)
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,32 +1,39 @@
 """Preprocess step: decode every image once into fixed-size uint8 arrays the trainer memory-maps.
 
-Decoding full-size fundus JPEGs dominates an epoch on real DDR; doing it once here makes every
-epoch (and every hyper-parameter trial) read plain arrays instead. Per split the step writes
-``<split>/images.npy`` (uint8, N x S x S x 3, ``np.load(..., mmap_mode="r")``-able) and
-``<split>/labels.npy`` (int64), plus ``meta.json``. Everything is written into a temporary
-directory beside ``out_dir`` and renamed into place at the end, so a crash never leaves a
-half-written cache for DVC or the next step to pick up.
+Decoding full-size fundus JPEGs (or decompressing NIfTI volumes) dominates an epoch on real data;
+doing it once here makes every epoch (and every hyper-parameter trial) read plain arrays instead.
+The dataset is read in its own format, split by ``dvpt_core.data.splits`` (seeded, by patient,
+de-duplicated and leak-checked, with ``data.label_ratio``'s subset of the training split), and
+per split the step writes ``<split>/images.npy`` (uint8, N x S x S x 3, RGB, bilinear resize)
+and, for classification, ``<split>/labels.npy`` (int64); for segmentation ``<split>/masks.npy``
+(uint8 N x S x S class indices, nearest-neighbour resize) with ``volumes.npy`` / ``slices.npy``
+(each slice's volume id and index, so evaluation can restack 3D volumes). ``splits.csv`` records
+every sample's split and content hash and ``meta.json`` the settings and counts. Everything is
+written into a temporary directory beside ``out_dir`` and renamed into place at the end, so a
+crash never leaves a half-written cache for DVC or the next step to pick up.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from dvpt_core.config import ExperimentConfig
+from dvpt_core.config import DataConfig, ExperimentConfig
 from dvpt_core.data.atomic import atomic_directory, is_non_empty_dir
-from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, META_FILE
-from dvpt_core.data.formats import read_dataset
+from dvpt_core.data.cache_layout import (
+    IMAGES_FILE, LABELS_FILE, MASKS_FILE, META_FILE, SLICES_FILE, SPLITS_FILE, VOLUMES_FILE,
+)
+from dvpt_core.data.formats import mask_policy, read_dataset, resolve_data_config
+from dvpt_core.data.formats.pixels import MaskPolicy, load_resized
 from dvpt_core.data.manifest import relative_path
 from dvpt_core.data.parallel import map_ordered
 from dvpt_core.data.records import SPLITS, Sample
+from dvpt_core.data.splits import SplitPlan, file_digests, plan_splits, write_splits_csv
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +46,34 @@ def preprocess(cfg: ExperimentConfig, data_root: Path, out_dir: Path) -> dict:
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     _check_replaceable(out_dir)
-    samples = read_dataset(cfg.data, data_root)
+    data = resolve_data_config(cfg.data, data_root)
+    samples = read_dataset(data, data_root)
+    if data.task == "classification":
+        _check_labels(samples, data.num_classes)
+    plan = plan_splits(samples, file_digests([s.path for s in samples]), data)
     size = cfg.model.image_size
-    _check_labels(samples, cfg.data.num_classes)
-    by_split = {split: [s for s in samples if s.split == split] for split in SPLITS}
     with atomic_directory(out_dir, replace=True) as tmp:
-        ordered, digests = [], []
-        for split, split_samples in by_split.items():
+        counts = {}
+        for split in SPLITS:
+            split_samples = plan.split(split)
             if not split_samples:
-                raise ValueError(f"{data_root}: split {split} has no gradable images")
-            digests += write_split(tmp / split, split_samples, size, cfg.data.max_pixels)
-            ordered += split_samples
+                raise ValueError(f"{data_root}: split {split} has no samples")
+            counts[split] = write_split(tmp / split, split_samples, size, data, mask_policy(data))
+        write_splits_csv(tmp / SPLITS_FILE, plan, data_root)
         meta = {
             "image_size": size,
-            "class_names": list(cfg.data.class_names),
-            "counts": {split: _counts(items, cfg.data.num_classes) for split, items in by_split.items()},
+            "format": data.format,
+            "task": data.task,
+            "class_names": list(data.class_names),
+            "counts": counts,
+            "splits": plan.summary(data_root, data),
             "source": str(data_root),
-            "inputs_sha256": inputs_hash(data_root, ordered, digests),
-            "layout": {"images": "uint8 NHWC RGB", "labels": "int64"},
+            "inputs_sha256": inputs_hash(data_root, plan),
+            "layout": _layout(data.task),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("preprocessed %s into %s at %d px: %s", data_root, out_dir, size,
-             ", ".join(f"{s}: {len(v)}" for s, v in by_split.items()))
+    log.info("preprocessed %s (%s, %s) into %s at %d px: %s", data_root, data.format, data.task, out_dir, size,
+             ", ".join(f"{s}: {c['total']}" for s, c in counts.items()))
     return meta
 
 
@@ -71,57 +84,62 @@ def _check_replaceable(out_dir: Path) -> None:
         )
 
 
-def write_split(split_dir: Path, samples: list[Sample], size: int, max_pixels: int) -> list[str]:
-    """Writes one split's arrays; returns each image file's sha256, in sample order."""
+def _layout(task: str) -> dict[str, str]:
+    if task == "classification":
+        return {"images": "uint8 NHWC RGB", "labels": "int64"}
+    return {"images": "uint8 NHWC RGB", "masks": "uint8 NHW class indices",
+            "volumes": "unicode volume id per slice ('' for 2D)", "slices": "int32 slice index (-1 for 2D)"}
+
+
+def write_split(split_dir: Path, samples: list[Sample], size: int, data: DataConfig, policy: MaskPolicy) -> dict:
+    """Writes one split's arrays; returns its counts for ``meta.json``."""
     split_dir.mkdir(parents=True)
-    split = samples[0].split
-    # Written through a memory map, so a split larger than RAM (real DDR at 224 px: ~1 GB) is fine.
+    segmentation = data.task == "segmentation"
+    # Written through memory maps, so a split larger than RAM (real DDR at 224 px: ~1 GB) is fine.
     images = np.lib.format.open_memmap(
         split_dir / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(samples), size, size, 3)
     )
-    load = _loader_into(images, samples, size, max_pixels)
-    digests = map_ordered(load, range(len(samples)), desc=f"preprocess {split}")
+    masks = np.lib.format.open_memmap(
+        split_dir / MASKS_FILE, mode="w+", dtype=np.uint8, shape=(len(samples), size, size)
+    ) if segmentation else None
+
+    def load(indices: list[int]) -> None:
+        pairs = load_resized([samples[i] for i in indices], size, policy, data.max_pixels)
+        for index, (image, mask) in zip(indices, pairs, strict=True):
+            images[index] = image
+            if masks is not None:
+                masks[index] = mask
+
+    map_ordered(load, same_file_runs(samples), desc=f"preprocess {samples[0].split}")
     images.flush()
     del images
-    np.save(split_dir / LABELS_FILE, np.asarray([s.label for s in samples], dtype=np.int64))
-    return digests
+    if masks is None:
+        np.save(split_dir / LABELS_FILE, np.asarray([s.label for s in samples], dtype=np.int64))
+        return _class_counts(samples, data.num_classes)
+    masks.flush()
+    np.save(split_dir / VOLUMES_FILE, np.asarray([s.volume or "" for s in samples], dtype=str))
+    np.save(split_dir / SLICES_FILE, np.asarray([-1 if s.slice_index is None else s.slice_index for s in samples],
+                                                dtype=np.int32))
+    return _pixel_counts(samples, masks, data.num_classes)
 
 
-def _loader_into(
-    images: np.ndarray, samples: list[Sample], size: int, max_pixels: int
-) -> Callable[[int], str]:
-    def load(index: int) -> str:
-        data = samples[index].path.read_bytes()
-        images[index] = decode_resized(data, size, max_pixels, samples[index].path)
-        return hashlib.sha256(data).hexdigest()
-
-    return load
+def same_file_runs(samples: list[Sample]) -> list[list[int]]:
+    """Indices grouped into runs of consecutive samples from one file, so a volume is decoded once."""
+    runs = itertools.groupby(range(len(samples)), key=lambda i: samples[i].path)
+    return [list(indices) for _, indices in runs]
 
 
-def decode_resized(data: bytes, size: int, max_pixels: int, source: Path) -> np.ndarray:
-    """RGB ``size`` x ``size`` uint8 array of encoded image bytes (aspect ratio not kept).
-
-    JPEG draft mode first lets libjpeg decode at a reduced scale (still at least ``size``), which
-    cuts decoding time of full-size fundus photographs several-fold; the bilinear resize that
-    follows is antialiased (Pillow widens the filter when downscaling).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ValueError(f"{width}x{height} pixels exceeds data.max_pixels={max_pixels}")
-            image.draft("RGB", (size, size))
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
-    except Exception as err:  # noqa: BLE001  (Pillow raises many types; name the file whatever it was)
-        raise ValueError(f"{source}: cannot preprocess image ({err}); run the validate step first") from err
-
-
-def inputs_hash(root: Path, samples: list[Sample], digests: list[str]) -> str:
-    """One sha256 over every sample's split, path, label and content hash (``digests``), in order."""
+def inputs_hash(root: Path, plan: SplitPlan) -> str:
+    """One sha256 over every cached sample's split, path, label or mask, slice and content hash."""
     hasher = hashlib.sha256()
-    for sample, digest in zip(samples, digests, strict=True):
-        hasher.update(f"{sample.split}\t{relative_path(root, sample.path)}\t{sample.label}\t{digest}\n".encode())
+    rows = [(s, d) for s, d, keep in zip(plan.samples, plan.digests, plan.labelled, strict=True) if keep]
+    masks = [s.mask for s, _ in rows if s.mask is not None]
+    mask_digests = iter(file_digests(masks))
+    for sample, digest in rows:
+        target = sample.label if sample.mask is None else f"{relative_path(root, sample.mask)}:{next(mask_digests)}"
+        hasher.update(
+            f"{sample.split}\t{relative_path(root, sample.path)}\t{sample.slice_index}\t{target}\t{digest}\n".encode()
+        )
     return hasher.hexdigest()
 
 
@@ -132,6 +150,16 @@ def _check_labels(samples: list[Sample], num_classes: int) -> None:
         raise ValueError("labels out of range (run the validate step for a full report):\n" + "\n".join(bad))
 
 
-def _counts(samples: list[Sample], num_classes: int) -> dict:
+def _class_counts(samples: list[Sample], num_classes: int) -> dict:
     per_class = np.bincount([s.label for s in samples], minlength=num_classes)
     return {"total": len(samples), "per_class": [int(n) for n in per_class]}
+
+
+def _pixel_counts(samples: list[Sample], masks: np.ndarray, num_classes: int) -> dict:
+    """Images (or slices), volumes, and each class's share of the mask pixels."""
+    pixels = np.bincount(masks.reshape(-1), minlength=num_classes)
+    return {
+        "total": len(samples),
+        "volumes": len({s.volume for s in samples if s.volume is not None}),
+        "class_pixel_share": [round(float(n) / max(int(pixels.sum()), 1), 6) for n in pixels],
+    }

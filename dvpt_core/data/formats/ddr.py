@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from dvpt_core.config import DataConfig
+from dvpt_core.data.formats.common import DatasetFormatError
 from dvpt_core.data.records import SPLITS, Sample
 
 log = logging.getLogger(__name__)
@@ -18,8 +20,13 @@ log = logging.getLogger(__name__)
 UNGRADABLE = 5
 
 
-class DatasetFormatError(ValueError):
-    """A list file that does not follow the dataset's on-disk format."""
+def detect(root: Path, data: DataConfig) -> bool:
+    return (root / "train.txt").is_file() and (root / "train").is_dir()
+
+
+def read(root: Path, data: DataConfig) -> list[Sample]:
+    """The registry's entry point (DDR needs no settings)."""
+    return read_ddr(root)
 
 
 def read_ddr(root: Path) -> list[Sample]:
