@@ -34,11 +34,11 @@ def _print(result: dict) -> None:
 
 
 def cmd_generate_data(args: argparse.Namespace) -> dict:
-    from dvpt_core.data.synthetic.ddr import generate_ddr
+    from dvpt_core.data.synthetic import generate_dataset
 
     cfg = _config(args)
-    generate_ddr(args.out, cfg.synthetic, cfg.data.class_names, overwrite=args.overwrite)
-    return {"data": str(args.out), **cfg.synthetic.model_dump()}
+    generate_dataset(args.out, cfg, overwrite=args.overwrite)
+    return {"data": str(args.out), "format": cfg.data.format, **cfg.synthetic.model_dump()}
 
 
 def cmd_validate(args: argparse.Namespace) -> dict:
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    gen = add("generate-data", cmd_generate_data, "write the built-in synthetic DR dataset (DDR layout)")
+    gen = add("generate-data", cmd_generate_data, "write a built-in synthetic dataset in data.format's layout (ddr, kvasir, acdc)")
     gen.add_argument("--out", type=Path, default=Path("data"), help="dataset folder (default: data)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     add("validate", cmd_validate, "check a dataset with Great Expectations",

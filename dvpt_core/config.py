@@ -178,7 +178,8 @@ class ModelConfig(_Strict):
     probing, full fine-tuning and SSF have no settings.
     """
 
-    backbone: str = "vit_base_patch16_clip_224.openai"
+    # OpenAI's CLIP ViT-B/16 (the paper's backbone) with its native QuickGELU activation.
+    backbone: str = "vit_base_patch16_clip_quickgelu_224.openai"
     # Extra timm.create_model arguments (e.g. a smaller Swin for tests: embed_dim, depths, num_heads).
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     # "pretrained": timm's hub weights, or ``weights_file`` when given (no network needed).

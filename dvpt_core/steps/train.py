@@ -17,6 +17,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 from dvpt_core.config import ExperimentConfig
+from dvpt_core.data.cache_layout import SPLITS_FILE
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.engine import predict, train_one_epoch
 from dvpt_core.metrics.classification import classification_metrics
@@ -107,6 +108,8 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
                             "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size})
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         mlflow.log_artifact(str(out_dir / "history.csv"))
+        if (cache_dir / SPLITS_FILE).is_file():
+            mlflow.log_artifact(str(cache_dir / SPLITS_FILE), artifact_path="data")
         summary = {
             "run_id": run.info.run_id,
             "experiment_id": run.info.experiment_id,
