@@ -27,7 +27,8 @@ def train_one_epoch(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total, seen = 0.0, 0
-    progress = tqdm(batches, desc=desc, leave=False, total=_length(batches, max_steps))
+    # disable=None: bars on a terminal, none in logs and CI output.
+    progress = tqdm(batches, desc=desc, leave=False, total=_length(batches, max_steps), disable=None)
     for step, (images, labels) in enumerate(progress, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
@@ -58,7 +59,7 @@ def predict(
     """Logits (float32, on the CPU) and labels for every batch."""
     model.eval()
     logits, labels = [], []
-    for images, target in tqdm(batches, desc=desc, leave=False):
+    for images, target in tqdm(batches, desc=desc, leave=False, disable=None):
         with autocast(device, amp):
             logits.append(model(images.to(device)).float().cpu())
         labels.append(target)

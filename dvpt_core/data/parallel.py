@@ -24,4 +24,4 @@ def map_ordered(fn: Callable[[T], R], items: Sequence[T], desc: str) -> list[R]:
     """``[fn(x) for x in items]`` on a thread pool, with a tqdm bar; the first exception propagates."""
     workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1, len(items)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="img", leave=False))
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="img", leave=False, disable=None))
