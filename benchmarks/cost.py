@@ -2,9 +2,10 @@
 batch-1 inference latency, trainable parameters and adapter bytes, each also as a ratio to full
 fine-tuning.
 
-Each method is measured in a fresh subprocess so that peak memory (CPU: the process's peak RSS;
-CUDA: ``max_memory_allocated``) belongs to that method alone. Weights are random: cost does not
-depend on their values.
+Each method is measured in a fresh subprocess so that peak memory belongs to that method alone:
+on CUDA ``max_memory_allocated``; on the CPU the process's peak RSS less its RSS after importing
+torch and before building the model (the interpreter and libraries, the same for every method,
+would otherwise dilute every ratio). Weights are random: cost does not depend on their values.
 
     python benchmarks/cost.py --config small          # minutes on a 2-core CPU
     python benchmarks/cost.py --config vit-b16        # ViT-B/16 at 224, batch 8
@@ -37,6 +38,7 @@ def measure(method: str, config: str, steps: int, warmup: int, device: str) -> d
     from dvpt_core.config import load_config
     from dvpt_core.peft import build_model, count_parameters
 
+    libraries_rss = _current_rss_mb()
     spec = CONFIGS[config]
     cfg = load_config(None, [
         f"model.backbone={spec['backbone']}", "model.weights=random", f"model.image_size={spec['image_size']}",
@@ -49,7 +51,6 @@ def measure(method: str, config: str, steps: int, warmup: int, device: str) -> d
     images = torch.randn(spec["batch"], 3, spec["image_size"], spec["image_size"], device=dev)
     labels = torch.randint(0, cfg.data.num_classes, (spec["batch"],), device=dev)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    baseline_rss = _peak_rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -60,7 +61,7 @@ def measure(method: str, config: str, steps: int, warmup: int, device: str) -> d
 
     model.train()
     step_times = _timed(step, steps, warmup, dev)
-    peak = (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else _peak_rss_mb()
+    peak = (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else _peak_rss_mb() - libraries_rss
     model.eval()
     one = images[:1]
     with torch.no_grad():
@@ -70,7 +71,7 @@ def measure(method: str, config: str, steps: int, warmup: int, device: str) -> d
     return {
         "method": method, "config": config, "device": device, **spec, **counts,
         "step_time_s": statistics.median(step_times),
-        "peak_memory_mb": peak, "memory_before_training_mb": baseline_rss if dev.type == "cpu" else None,
+        "peak_memory_mb": peak, "libraries_rss_mb": libraries_rss if dev.type == "cpu" else None,
         "latency_b1_ms": 1000 * statistics.median(latencies),
         "adapter_bytes": len(save(tensors)), "full_checkpoint_bytes": full_checkpoint,
     }
@@ -94,6 +95,11 @@ def _timed(fn, repeats: int, warmup: int, device) -> list[float]:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
