@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
 
-from components import steps
+from components import compare, steps
 
 IMAGE_ENV = "DVPT_IMAGE"
 DEFAULT_IMAGE = "dvpt-mlops:0.1.0"
@@ -39,18 +39,32 @@ class StepComponents:
     register: PythonComponent
 
 
+@dataclass(frozen=True)
+class CompareComponents:
+    """The comparison pipeline's own components; its other tasks are :class:`StepComponents`."""
+
+    cell_config: PythonComponent
+    compare: PythonComponent
+
+
+def _component(func: Callable, image: str | None) -> PythonComponent:
+    return dsl.component(func, base_image=image or default_image(), install_kfp_package=False,
+                         additional_funcs=list(HELPERS))
+
+
 def build_components(image: str | None = None) -> StepComponents:
     """Every step as a component running in ``image`` (default: :func:`default_image`)."""
-    image = image or default_image()
-
-    def make(func: Callable) -> PythonComponent:
-        return dsl.component(func, base_image=image, install_kfp_package=False, additional_funcs=list(HELPERS))
-
     return StepComponents(
-        validate=make(steps.validate),
-        preprocess=make(steps.preprocess),
-        train=make(steps.train),
-        evaluate=make(steps.evaluate),
-        export=make(steps.export),
-        register=make(steps.register),
+        validate=_component(steps.validate, image),
+        preprocess=_component(steps.preprocess, image),
+        train=_component(steps.train, image),
+        evaluate=_component(steps.evaluate, image),
+        export=_component(steps.export, image),
+        register=_component(steps.register, image),
     )
+
+
+def build_compare_components(image: str | None = None) -> CompareComponents:
+    """The comparison's own components in ``image``, as :func:`build_components`."""
+    return CompareComponents(cell_config=_component(compare.cell_config, image),
+                             compare=_component(compare.compare, image))

@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,6 +80,12 @@ def compile_pipeline(
 
     ``image`` and ``data_pvc`` as in :func:`build_pipeline`.
     """
+    return compile_graph(build_pipeline(image, data_pvc), out_path, cfg)
+
+
+def compile_graph(pipeline: GraphComponent, out_path: Path, cfg: ExperimentConfig, **defaults: object) -> Path:
+    """Compile ``pipeline`` with ``config_json`` (and any other parameter in ``defaults``)
+    defaulting to the given values; warns when the pods could not share MLflow runs."""
     uri = cfg.tracking.tracking_uri
     if not (uri or "").startswith(("http://", "https://")):
         log.warning(
@@ -88,19 +95,17 @@ def compile_pipeline(
         )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(
-        build_pipeline(image, data_pvc), str(out_path), pipeline_parameters={"config_json": cfg.to_json()}
-    )
+    parameters = {"config_json": cfg.to_json(), **defaults}
+    compiler.Compiler().compile(pipeline, str(out_path), pipeline_parameters=parameters)
     return out_path
 
 
-def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dict:
-    """Run the whole pipeline offline, each task a subprocess of this Python environment.
+@contextlib.contextmanager
+def local_session(pipeline_root: Path) -> Iterator[None]:
+    """Pipelines called inside run offline, each task a subprocess of this Python environment.
 
     Uses ``kfp.local`` with ``SubprocessRunner(use_venv=False)``: the default venv mode would
-    pip-install per task. Outputs land under ``pipeline_root``. Returns what the register task
-    wrote (``registered.json``) plus the test metrics, the random-weights flag (the CLI warns on
-    it) and where the artifacts are.
+    pip-install per task. Outputs land under ``pipeline_root``.
     """
     pipeline_root = Path(pipeline_root).resolve()
     local.init(
@@ -114,6 +119,16 @@ def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dic
         # kfp.local warns for any image whose name lacks "python": here the tasks run in this
         # environment, never in the image, so the warning says nothing about this run.
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+        yield
+
+
+def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dict:
+    """Run the whole pipeline offline (:func:`local_session`), outputs under ``pipeline_root``.
+
+    Returns what the register task wrote (``registered.json``) plus the test metrics, the
+    random-weights flag (the CLI warns on it) and where the artifacts are.
+    """
+    with local_session(pipeline_root):
         task = build_pipeline()(data_dir=str(Path(data_dir).resolve()), config_json=cfg.to_json())
     registration = Path(task.outputs["registration"].path)
     registered = json.loads((registration / "registered.json").read_text())

@@ -1,0 +1,307 @@
+"""Quality of every PEFT method on a controlled task: test quadratic kappa and accuracy per method
+at 10/20/40/100% of the training labels, mean and std over 3 seeds, as a table, JSON and a
+Fig. 1-style plot (score vs trainable parameters; score vs label ratio).
+
+No pretrained weights can be downloaded here, so by default the benchmark makes its own: a small
+ViT (timm's vit_tiny layout at depth 6, patch 8, 64 px) is trained from scratch on a generic
+synthetic SOURCE task (``source_task.py``: shapes and clutter, not medical) and saved as a
+safetensors file under ``benchmarks/results/cache/``, keyed by a hash of everything that made it
+and reused by later runs. Each method then adapts that backbone to the TARGET, the built-in
+fundus-like DR-grading set (its own seed): a different domain and a different task. The backbone
+is loaded exactly as users load real weights (``model.weights=pretrained`` with
+``model.weights_file``), and every cell is a run of the product's own preprocess, train (MLflow)
+and evaluate steps, aggregated by ``dvpt_core.steps.compare`` into the report the Kubeflow
+comparison pipeline also writes. So ``--backbone``/``--weights-file``/``--data`` run the same
+benchmark on a real pretrained backbone and a real dataset (DDR layout).
+
+Every cell trains at least ``min_steps`` optimiser steps: a 10% subset is repeated for more
+epochs rather than trained for a tenth of the updates, so the ratios compare labels, not update
+counts. Cells run in parallel worker processes with one thread each: on a small shared CPU, two
+single-threaded trainings outrun one two-threaded one by far (OpenMP threads spin-wait on each
+other when another process holds a core). The default grid (8 methods x 4 ratios x 3 seeds = 96
+cells) is sized to finish in under 40 minutes on a 2-core CPU, pre-training included.
+
+    .venv/bin/python benchmarks/quality.py            # the default grid; prints the table and wall time
+    .venv/bin/python benchmarks/quality.py --quick    # a smoke grid: 2 methods, 2 ratios, 1 seed
+    .venv/bin/python benchmarks/quality.py --backbone vit_base_patch16_224.augreg2_in21k_ft_in1k \\
+        --weights-file vit_b16.safetensors --image-size 224 --data /data/DDR --set train.epochs=20
+
+Results go to ``benchmarks/results/quality-<time>/`` (gitignored): ``quality.json`` (settings,
+timing, ranking, every cell), ``report/`` (``report.html``, ``comparison.png``, ``comparison.md``)
+and the MLflow store ``mlflow.db`` with every cell's run under a parent run ``comparison``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: threads that wait passively leave the core to whoever holds it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
+from dataclasses import asdict, dataclass, replace  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from multiprocessing import get_context  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = RESULTS / "cache"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import source_task  # noqa: E402
+
+import dvpt_core  # noqa: E402
+from dvpt_core.config import ExperimentConfig, SyntheticConfig, load_config  # noqa: E402
+from dvpt_core.steps.compare import (  # noqa: E402
+    ALL_METHODS, DEFAULT_RATIOS, DEFAULT_SEEDS, cell_config, compare, expand_grid, markdown,
+    parse_method_overrides, table,
+)
+
+log = logging.getLogger("quality")
+
+# The small ViT every default run pre-trains and adapts; a real backbone replaces these three.
+BACKBONE = ["model.backbone=vit_tiny_r_s16_p8_224", "model.backbone_kwargs={patch_size: 2, depth: 6}",
+            "model.image_size=64"]
+# Both tasks are about how many small objects an image holds, and random resized crops change
+# that count between a training image and its label (measured: with the default crop scale
+# (0.8, 1) a linear probe's validation accuracy fell as it trained); flips keep it, so only flips.
+NO_CROP = "train.crop_scale=[1.0, 1.0]"
+PRETRAIN = ["model.method=full", "model.weights=random", "train.batch_size=32", "train.lr=0.001",
+            "train.warmup_epochs=1", "train.weight_decay=0.05", NO_CROP]
+# Adaptation, shared by every cell: m = 10 prompts for DVPT and VPT (50 would outnumber the 64
+# patch tokens at 64 px), batch 16, a one-epoch warm-up.
+ADAPT = ["model.prompts=10", "model.vpt.prompts=10", "train.batch_size=16", "train.warmup_epochs=1",
+         "train.lr=0.002", NO_CROP]
+# Per-method learning rates (AdamW), chosen on validation kappa at 100% labels, seed 0: updating
+# every weight wants a far smaller step than training a few new ones, a lone head a larger one.
+METHOD_OVERRIDES = {"linear": ["train.lr=0.01"], "full": ["train.lr=0.0003"]}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What ``--quick`` shrinks: data sizes, epochs and the grid."""
+
+    source: dict[str, int]
+    pretrain_epochs: int
+    target: dict[str, int]
+    epochs: int
+    min_steps: int
+    methods: list[str]
+    seeds: list[int]
+    ratios: list[float]
+
+
+DEFAULT = Scale(source={"train": 1600, "valid": 160, "test": 80}, pretrain_epochs=8,
+                target={"train": 320, "valid": 80, "test": 300}, epochs=6, min_steps=36,
+                methods=ALL_METHODS, seeds=DEFAULT_SEEDS, ratios=DEFAULT_RATIOS)
+QUICK = Scale(source={"train": 240, "valid": 40, "test": 16}, pretrain_epochs=2,
+              target={"train": 80, "valid": 20, "test": 40}, epochs=2, min_steps=4,
+              methods=["linear", "dvpt"], seeds=[0], ratios=[0.5, 1.0])
+TARGET_SEED = 1  # the target set's own seed (the repository's default dataset uses 0)
+TARGET_RENDER_SIZE = 128
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    start = time.perf_counter()
+    scale = QUICK if args.quick else DEFAULT
+    scale = replace(scale, methods=args.methods or scale.methods, seeds=args.seeds or scale.seeds,
+                    ratios=args.ratios or scale.ratios)
+    out = (args.out or RESULTS / f"quality-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}").resolve()
+    out.mkdir(parents=True)
+    uri = _tracking(out)
+
+    backbone = _backbone_settings(args, scale, uri)
+    backbone_s = time.perf_counter() - start
+    data = args.data or _target_data(out / "target", scale)
+    base = load_config(None, [*backbone, *ADAPT, f"tracking.tracking_uri={uri}", "tracking.experiment=quality",
+                              f"train.epochs={scale.epochs}", *args.overrides])
+    given = parse_method_overrides(args.method_set, scale.methods)
+    method_overrides = {m: METHOD_OVERRIDES.get(m, []) + given.get(m, []) for m in scale.methods}
+    grid = expand_grid(scale.methods, scale.seeds, scale.ratios, method_overrides)
+    caches = _preprocess(base, grid, data, out / "caches", scale.min_steps)
+    train_dirs = _run_cells(base, grid, caches, out / "cells", args.workers)
+    origin = "given weights" if args.backbone or args.weights_file else "pre-trained on the synthetic source task"
+    title = f"{base.model.backbone} ({origin}) adapted to {args.data or 'the synthetic DR-grading target'}"
+    result = compare(base, train_dirs, out / "report", title=title)
+    wall = time.perf_counter() - start
+    header, rows = table(result["summary"], result["ranking"])
+    summary = {
+        "wall_time_s": wall, "backbone_s": backbone_s, "cells": len(grid), "workers": args.workers,
+        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "scale": asdict(scale),
+        "settings": {"backbone": backbone, "adapt": ADAPT, "method_overrides": method_overrides,
+                     "overrides": args.overrides, "data": str(data)},
+        "ranking": result["ranking"], "summary": result["summary"], "rows": result["rows"],
+        "report": result["report"], "mlflow": uri, "comparison_run": result["run_id"],
+    }
+    (out / "quality.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n{result['title']}\n\n{markdown(header, rows)}")
+    print("ranking (test kappa averaged over label ratios): "
+          + " > ".join(f"{r['method']} ({r['kappa_mean_over_ratios']:.3f})" for r in result["ranking"]))
+    print(f"\n{len(grid)} cells, wall time {wall / 60:.1f} min ({backbone_s / 60:.1f} min to pre-train or load "
+          f"the backbone), {args.workers} workers on {os.cpu_count()} CPUs; results in {out}")
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke grid with tiny data (minutes)")
+    parser.add_argument("--backbone", help="a timm model name to adapt instead of the self-pre-trained small ViT "
+                        "(weights from --weights-file, else timm's hub or offline cache)")
+    parser.add_argument("--weights-file", type=Path, help="pretrained backbone weights (safetensors or timm checkpoint)")
+    parser.add_argument("--image-size", type=int, default=224, help="input size with --backbone (default 224)")
+    parser.add_argument("--data", type=Path, help="a classification dataset instead of the synthetic target: DDR's "
+                        "layout, or any other format dvpt reads with --set data.format=auto")
+    parser.add_argument("--methods", nargs="+", help=f"default: {' '.join(ALL_METHODS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
+    parser.add_argument("--ratios", nargs="+", type=float, help="labelled shares of the training split "
+                        "(default: 0.1 0.2 0.4 1.0)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of every cell, e.g. --set train.epochs=20 (repeatable; "
+                        "the per-method learning rates still apply)")
+    parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="override a setting of one method's cells, e.g. full:train.lr=0.0001 (repeatable)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="cells trained at once, one process and one thread each (default: CPU count)")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/quality-<time>)")
+    return parser
+
+
+def _tracking(out: Path) -> str:
+    """A throwaway SQLite MLflow store in the results folder, artifacts beside it (not in ./mlruns)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for name in ("quality", "quality-pretrain"):
+        client.create_experiment(name, artifact_location=(out / "artifacts" / name).as_uri())
+    return uri
+
+
+def _backbone_settings(args: argparse.Namespace, scale: Scale, tracking_uri: str) -> list[str]:
+    """The model settings every cell starts from: a named backbone (real weights), a given file
+    for the default architecture, or the default architecture pre-trained here (cached)."""
+    if args.backbone:
+        weights = [f"model.weights_file={args.weights_file}"] if args.weights_file else []
+        return [f"model.backbone={args.backbone}", f"model.image_size={args.image_size}", "model.weights=pretrained",
+                *weights]
+    weights_file = args.weights_file or pretrain(scale, tracking_uri)
+    return [*BACKBONE, "model.weights=pretrained", f"model.weights_file={weights_file}"]
+
+
+def pretrain(scale: Scale, tracking_uri: str) -> Path:
+    """The default backbone trained from scratch on the source task, through the product's
+    preprocess, train and evaluate steps (full fine-tuning of a random initialisation); cached
+    by the hash of everything that determines it."""
+    from safetensors.torch import load_file, save_file
+
+    from dvpt_core.peft.adapter import WEIGHTS_FILE
+    from dvpt_core.steps.evaluate import evaluate
+    from dvpt_core.steps.preprocess import preprocess
+    from dvpt_core.steps.train import train
+
+    settings = [*BACKBONE, *PRETRAIN, f"train.epochs={scale.pretrain_epochs}", "data.format=folder",
+                "data.class_names=" + json.dumps(source_task.CLASS_NAMES)]
+    key = hashlib.sha256(json.dumps({
+        "settings": settings, "source": scale.source, "renderer": Path(source_task.__file__).read_text(),
+        "package": dvpt_core.__version__,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = CACHE / f"source-vit-{key}.safetensors"
+    if path.is_file():
+        log.info("pre-trained backbone from cache: %s", path)
+        return path
+    log.info("pre-training the backbone on the source task (cached as %s)", path)
+    cfg = load_config(None, [*settings, f"tracking.tracking_uri={tracking_uri}", "tracking.experiment=quality-pretrain"])
+    with tempfile.TemporaryDirectory(prefix="dvpt-source-") as scratch:
+        tmp = Path(scratch)
+        source_task.generate_source(tmp / "data", scale.source, cfg.model.image_size, seed=0)
+        preprocess(cfg, tmp / "data", tmp / "cache")
+        train(cfg, tmp / "cache", tmp / "train")
+        accuracy = evaluate(cfg, tmp / "cache", tmp / "train", tmp / "evaluation")["accuracy"]
+        tensors = load_file(str(tmp / "train" / "adapter" / WEIGHTS_FILE))
+    log.info("source task: test accuracy %.3f over %d classes", accuracy, len(source_task.CLASS_NAMES))
+    backbone = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(backbone, str(partial), metadata={"source_test_accuracy": f"{accuracy:.4f}"})
+    partial.rename(path)
+    return path
+
+
+def _target_data(root: Path, scale: Scale) -> Path:
+    """The built-in fundus-like DR-grading set in DDR's layout, with the benchmark's own seed."""
+    from dvpt_core.config import DDR_GRADES
+    from dvpt_core.data.synthetic.ddr import generate_ddr
+
+    generate_ddr(root, SyntheticConfig(**scale.target, image_size=TARGET_RENDER_SIZE, seed=TARGET_SEED), DDR_GRADES)
+    return root
+
+
+def _preprocess(base: ExperimentConfig, grid: list[dict], data: Path, root: Path, min_steps: int) -> dict[tuple, Path]:
+    """One cache per (seed, label ratio), shared by the methods; each cell's epochs are raised
+    (in its overrides) until it takes ``min_steps`` optimiser steps on its labelled subset."""
+    from dvpt_core.steps.preprocess import preprocess
+
+    caches: dict[tuple, Path] = {}
+    labelled: dict[tuple, int] = {}
+    for cell in grid:
+        key = (cell["seed"], cell["label_ratio"])
+        if key not in caches:
+            caches[key] = root / f"seed{key[0]}-ratio{key[1]:g}"
+            labelled[key] = preprocess(cell_config(base, cell), data, caches[key])["counts"]["train"]["total"]
+            log.info("seed %d, ratio %g: %d labelled training images", *key, labelled[key])
+        steps_per_epoch = math.ceil(labelled[key] / base.train.batch_size)
+        cell["overrides"].append(f"train.epochs={max(base.train.epochs, math.ceil(min_steps / steps_per_epoch))}")
+    return caches
+
+
+def _run_cells(base: ExperimentConfig, grid: list[dict], caches: dict[tuple, Path], root: Path,
+               workers: int) -> list[Path]:
+    """Every cell's train and evaluate steps, ``workers`` at a time; the train step folders in grid order."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    dirs = [root / f"{c['method']}-seed{c['seed']}-ratio{c['label_ratio']:g}" for c in grid]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(run_cell, base.to_json(), cell, str(caches[cell["seed"], cell["label_ratio"]]),
+                               str(cell_dir)): cell for cell, cell_dir in zip(grid, dirs)}
+        for done, future in enumerate(as_completed(futures), start=1):
+            cell, (kappa, seconds) = futures[future], future.result()
+            log.info("[%d/%d] %s seed %d ratio %g: test kappa %.3f (%.0f s)", done, len(grid), cell["method"],
+                     cell["seed"], cell["label_ratio"], kappa, seconds)
+    return [d / "train" for d in dirs]
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def run_cell(base_json: str, cell: dict, cache: str, cell_dir: str) -> tuple[float, float]:
+    """One cell in a worker: the product's train then evaluate step; returns (test kappa, seconds)."""
+    from dvpt_core.steps.evaluate import evaluate
+    from dvpt_core.steps.train import train
+
+    start = time.perf_counter()
+    cfg = cell_config(ExperimentConfig.from_json(base_json), cell)
+    train(cfg, Path(cache), Path(cell_dir) / "train")
+    report = evaluate(cfg, Path(cache), Path(cell_dir) / "train", Path(cell_dir) / "evaluation")
+    return report["kappa"], time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
