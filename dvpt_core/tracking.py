@@ -26,6 +26,15 @@ def connect(cfg: ExperimentConfig) -> str:
     return uri
 
 
+def resume_run(cfg: ExperimentConfig, run_id: str) -> mlflow.ActiveRun:
+    """Re-open the train step's run in the experiment that run belongs to (not whatever
+    experiment the configuration or environment names), so later steps always add to it."""
+    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return mlflow.start_run(run_id=run_id)
+
+
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}

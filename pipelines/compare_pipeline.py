@@ -23,6 +23,7 @@ from kfp.dsl.graph_component import GraphComponent
 from components import build_compare_components, build_components
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.steps.compare import RESULT_FILE
+from dvpt_core.tracking import connect
 from pipelines.dvpt_pipeline import DATA_MOUNT, compile_graph, local_session
 
 PIPELINE_NAME = "dvpt-compare"
@@ -65,7 +66,12 @@ def compile_compare(out_path: Path, cfg: ExperimentConfig, grid: list[dict], ima
 
 def run_compare_local(cfg: ExperimentConfig, grid: list[dict], data_dir: Path, pipeline_root: Path) -> dict:
     """Run the comparison offline (``kfp.local``); returns the report's ranking, its MLflow run
-    and where the report and every task's outputs are."""
+    and where the report and every task's outputs are.
+
+    The tracking store and experiment are created here first: kfp.local runs two cells at once,
+    and two tasks creating a new SQLite store together collide ("table ... already exists").
+    """
+    connect(cfg)
     with local_session(pipeline_root):
         task = build_compare_pipeline()(data_dir=str(Path(data_dir).resolve()), config_json=cfg.to_json(), grid=grid)
     comparison = Path(task.outputs["comparison"].path)

@@ -14,7 +14,7 @@ from dvpt_core.engine import predict
 from dvpt_core.metrics.classification import classification_metrics, confusion_matrix, plot_confusion_matrix
 from dvpt_core.peft.adapter import load_adapter
 from dvpt_core.runtime import resolve_device
-from dvpt_core.tracking import connect, read_run_file
+from dvpt_core.tracking import read_run_file, resume_run
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def evaluate(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: P
               "confusion_matrix": matrix.tolist()}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     run = read_run_file(train_dir)
-    connect(cfg)
-    with mlflow.start_run(run_id=run["run_id"]):
+    with resume_run(cfg, run["run_id"]):
         mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items()})
         mlflow.log_artifact(str(plot))
         mlflow.log_artifact(str(out_dir / "metrics.json"))

@@ -20,7 +20,7 @@ import dvpt_core
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.peft.adapter import read_adapter_config
 from dvpt_core.serving import pyfunc_model
-from dvpt_core.tracking import connect, read_run_file
+from dvpt_core.tracking import connect, read_run_file, resume_run
 
 log = logging.getLogger(__name__)
 SERVING_REQUIREMENTS = [f"dvpt-mlops=={dvpt_core.__version__}"]
@@ -32,12 +32,11 @@ def register(cfg: ExperimentConfig, train_dir: Path, export_dir: Path, out_dir: 
     adapter_dir = Path(train_dir) / "adapter"
     meta = read_adapter_config(adapter_dir)
     run = read_run_file(train_dir)
-    connect(cfg)
     size = meta["image_size"]
     example = np.zeros((1, 3, size, size), dtype=np.float32)
     signature = infer_signature(example, np.zeros((1, len(meta["class_names"])), dtype=np.float32))
     name = cfg.tracking.registered_model
-    with mlflow.start_run(run_id=run["run_id"]):
+    with resume_run(cfg, run["run_id"]):
         info = mlflow.pyfunc.log_model(
             name="adapter_model",
             python_model=pyfunc_model.__file__,
