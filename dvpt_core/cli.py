@@ -25,7 +25,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one setting, e.g. --set model.prompts=10 (repeatable)")
 
 
-def _config(args: argparse.Namespace) -> ExperimentConfig:
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The configuration that ``--params``, ``--preset`` and ``--set`` describe (every subcommand)."""
     return load_config(args.params, args.overrides, args.preset)
 
 
@@ -36,7 +37,7 @@ def _print(result: dict) -> None:
 def cmd_generate_data(args: argparse.Namespace) -> dict:
     from dvpt_core.data.synthetic import generate_dataset
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     generate_dataset(args.out, cfg, overwrite=args.overwrite)
     return {"data": str(args.out), "format": cfg.data.format, **cfg.synthetic.model_dump()}
 
@@ -44,50 +45,50 @@ def cmd_generate_data(args: argparse.Namespace) -> dict:
 def cmd_validate(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.validate import validate
 
-    return validate(_config(args), args.data, args.out)
+    return validate(config_from_args(args), args.data, args.out)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.preprocess import preprocess
 
-    return preprocess(_config(args), args.data, args.out)
+    return preprocess(config_from_args(args), args.data, args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.train import train
 
-    return train(_config(args), args.cache, args.out, data_root=args.data)
+    return train(config_from_args(args), args.cache, args.out, data_root=args.data)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.evaluate import evaluate
 
-    return evaluate(_config(args), args.cache, args.train, args.out)
+    return evaluate(config_from_args(args), args.cache, args.train, args.out)
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.export import export
 
-    return export(_config(args), args.cache, args.train, args.out)
+    return export(config_from_args(args), args.cache, args.train, args.out)
 
 
 def cmd_register(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.register import register
 
-    return register(_config(args), args.train, args.export, args.out)
+    return register(config_from_args(args), args.train, args.export, args.out)
 
 
 def cmd_promote(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.register import promote
 
-    return promote(_config(args), args.version, args.alias)
+    return promote(config_from_args(args), args.version, args.alias)
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
     """Every step in order, without DVC: the same functions ``dvc repro`` runs."""
     from dvpt_core.steps.pipeline import run_all
 
-    return run_all(_config(args), args.data, args.out)
+    return run_all(config_from_args(args), args.data, args.out)
 
 
 def cmd_summary(args: argparse.Namespace) -> dict:

@@ -13,11 +13,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from dvpt_core.config import ExperimentConfig, load_config
-
-
-def _config(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.params, args.overrides, args.preset)
+from dvpt_core.cli import config_from_args
+from dvpt_core.config import ExperimentConfig
 
 
 def cmd_compile(args: argparse.Namespace) -> dict:
@@ -25,14 +22,14 @@ def cmd_compile(args: argparse.Namespace) -> dict:
     from pipelines.dvpt_pipeline import compile_pipeline
 
     image = args.image or default_image()
-    path = compile_pipeline(args.out, _config(args), image, args.data_pvc)
+    path = compile_pipeline(args.out, config_from_args(args), image, args.data_pvc)
     return {"package": str(path), "image": image, "data_pvc": args.data_pvc}
 
 
 def cmd_run_local(args: argparse.Namespace) -> dict:
     from pipelines.dvpt_pipeline import run_local
 
-    return run_local(_config(args), args.data, args.pipeline_root)
+    return run_local(config_from_args(args), args.data, args.pipeline_root)
 
 
 def cmd_submit(args: argparse.Namespace) -> dict:
@@ -41,7 +38,7 @@ def cmd_submit(args: argparse.Namespace) -> dict:
     if args.package and (args.params or args.overrides or args.preset or args.image or args.data_pvc):
         raise ValueError("--package carries the configuration, image and volume it was compiled with: "
                          "drop --params/--preset/--set/--image/--data-pvc, or drop --package to compile now")
-    return submit(args.package or _config(args), host=args.host, data_dir=args.data,
+    return submit(args.package or config_from_args(args), host=args.host, data_dir=args.data,
                   experiment=args.experiment, namespace=args.namespace, token=args.token,
                   run_name=args.run_name, image=args.image, data_pvc=args.data_pvc)
 
@@ -65,7 +62,7 @@ def cmd_compile_compare(args: argparse.Namespace) -> dict:
     from pipelines.compare_pipeline import compile_compare
 
     image = args.image or default_image()
-    cfg = _config(args)
+    cfg = config_from_args(args)
     grid = _grid(args, cfg)
     path = compile_compare(args.out, cfg, grid, image, args.data_pvc)
     return {"package": str(path), "image": image, "data_pvc": args.data_pvc, "cells": len(grid)}
@@ -74,7 +71,7 @@ def cmd_compile_compare(args: argparse.Namespace) -> dict:
 def cmd_compare_local(args: argparse.Namespace) -> dict:
     from pipelines.compare_pipeline import run_compare_local
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     return run_compare_local(cfg, _grid(args, cfg), args.data, args.pipeline_root)
 
 
