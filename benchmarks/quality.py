@@ -4,9 +4,9 @@ Fig. 1-style plot (score vs trainable parameters; score vs label ratio).
 
 No pretrained weights can be downloaded here, so by default the benchmark makes its own: a small
 ViT (timm's vit_tiny layout at depth 6, patch 8, 64 px) is trained from scratch on a generic
-synthetic SOURCE task (``source_task.py``: shapes and clutter, not medical) and saved as a
-safetensors file under ``benchmarks/results/cache/``, keyed by a hash of everything that made it
-and reused by later runs. Each method then adapts that backbone to the TARGET, the built-in
+synthetic SOURCE task (``dvpt_core/data/synthetic/source.py``: shapes and clutter, not medical) by
+the product's pretrain step (the stand-in ``make run`` adapts) and saved under
+``benchmarks/results/cache/``, keyed by a hash of everything that made it and reused by later runs. Each method then adapts that backbone to the TARGET, the built-in
 fundus-like DR-grading set (its own seed): a different domain and a different task. The backbone
 is loaded exactly as users load real weights (``model.weights=pretrained`` with
 ``model.weights_file``), and every cell is a run of the product's own preprocess, train (MLflow)
@@ -40,12 +40,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
 from dataclasses import asdict, dataclass, replace  # noqa: E402
@@ -57,11 +54,6 @@ from typing import Any  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache"
-sys.path.insert(0, str(Path(__file__).parent))
-
-import source_task  # noqa: E402
-
-import dvpt_core  # noqa: E402
 from dvpt_core.config import ExperimentConfig, SyntheticConfig, load_config  # noqa: E402
 from dvpt_core.steps.compare import (  # noqa: E402
     ALL_METHODS, DEFAULT_RATIOS, DEFAULT_SEEDS, cell_config, compare, expand_grid, markdown,
@@ -77,8 +69,6 @@ BACKBONE = ["model.backbone=vit_tiny_r_s16_p8_224", "model.backbone_kwargs={patc
 # that count between a training image and its label (measured: with the default crop scale
 # (0.8, 1) a linear probe's validation accuracy fell as it trained); flips keep it, so only flips.
 NO_CROP = "train.crop_scale=[1.0, 1.0]"
-PRETRAIN = ["model.method=full", "model.weights=random", "train.batch_size=32", "train.lr=0.001",
-            "train.warmup_epochs=1", "train.weight_decay=0.05", NO_CROP]
 # Adaptation, shared by every cell: m = 10 prompts for DVPT and VPT (50 would outnumber the 64
 # patch tokens at 64 px), batch 16, a one-epoch warm-up.
 ADAPT = ["model.prompts=10", "model.vpt.prompts=10", "train.batch_size=16", "train.warmup_epochs=1",
@@ -125,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True)
     uri = _tracking(out)
 
-    backbone = _backbone_settings(args, scale, uri)
+    backbone = _backbone_settings(args, scale)
     backbone_s = time.perf_counter() - start
     data = args.data or _target_data(out / "target", scale)
     base = load_config(None, [*backbone, *ADAPT, f"tracking.tracking_uri={uri}", "tracking.experiment=quality",
@@ -187,59 +177,34 @@ def _tracking(out: Path) -> str:
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)
-    for name in ("quality", "quality-pretrain"):
-        client.create_experiment(name, artifact_location=(out / "artifacts" / name).as_uri())
+    client.create_experiment("quality", artifact_location=(out / "artifacts" / "quality").as_uri())
     return uri
 
 
-def _backbone_settings(args: argparse.Namespace, scale: Scale, tracking_uri: str) -> list[str]:
+def _backbone_settings(args: argparse.Namespace, scale: Scale) -> list[str]:
     """The model settings every cell starts from: a named backbone (real weights), a given file
     for the default architecture, or the default architecture pre-trained here (cached)."""
     if args.backbone:
         weights = [f"model.weights_file={args.weights_file}"] if args.weights_file else []
         return [f"model.backbone={args.backbone}", f"model.image_size={args.image_size}", "model.weights=pretrained",
                 *weights]
-    weights_file = args.weights_file or pretrain(scale, tracking_uri)
-    return [*BACKBONE, "model.weights=pretrained", f"model.weights_file={weights_file}"]
+    if args.weights_file:
+        return [*BACKBONE, "model.weights=pretrained", f"model.weights_file={args.weights_file}"]
+    return [*BACKBONE, "model.weights=stand-in", f"model.weights_file={pretrain(scale)}"]
 
 
-def pretrain(scale: Scale, tracking_uri: str) -> Path:
-    """The default backbone trained from scratch on the source task, through the product's
-    preprocess, train and evaluate steps (full fine-tuning of a random initialisation); cached
-    by the hash of everything that determines it."""
-    from safetensors.torch import load_file, save_file
+def pretrain(scale: Scale) -> Path:
+    """The default backbone pre-trained on the source task by the product's own pretrain step
+    (the stand-in ``make run`` adapts), cached under ``benchmarks/results/cache`` by its settings."""
+    from dvpt_core.steps.pretrain import BACKBONE_FILE, settings_key
+    from dvpt_core.steps.pretrain import pretrain as pretrain_step
 
-    from dvpt_core.peft.adapter import WEIGHTS_FILE
-    from dvpt_core.steps.evaluate import evaluate
-    from dvpt_core.steps.preprocess import preprocess
-    from dvpt_core.steps.train import train
-
-    settings = [*BACKBONE, *PRETRAIN, f"train.epochs={scale.pretrain_epochs}", "data.format=folder",
-                "data.class_names=" + json.dumps(source_task.CLASS_NAMES)]
-    key = hashlib.sha256(json.dumps({
-        "settings": settings, "source": scale.source, "renderer": Path(source_task.__file__).read_text(),
-        "package": dvpt_core.__version__,
-    }, sort_keys=True).encode()).hexdigest()[:16]
-    path = CACHE / f"source-vit-{key}.safetensors"
-    if path.is_file():
-        log.info("pre-trained backbone from cache: %s", path)
-        return path
-    log.info("pre-training the backbone on the source task (cached as %s)", path)
-    cfg = load_config(None, [*settings, f"tracking.tracking_uri={tracking_uri}", "tracking.experiment=quality-pretrain"])
-    with tempfile.TemporaryDirectory(prefix="dvpt-source-") as scratch:
-        tmp = Path(scratch)
-        source_task.generate_source(tmp / "data", scale.source, cfg.model.image_size, seed=0)
-        preprocess(cfg, tmp / "data", tmp / "cache")
-        train(cfg, tmp / "cache", tmp / "train")
-        accuracy = evaluate(cfg, tmp / "cache", tmp / "train", tmp / "evaluation")["accuracy"]
-        tensors = load_file(str(tmp / "train" / "adapter" / WEIGHTS_FILE))
-    log.info("source task: test accuracy %.3f over %d classes", accuracy, len(source_task.CLASS_NAMES))
-    backbone = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(backbone, str(partial), metadata={"source_test_accuracy": f"{accuracy:.4f}"})
-    partial.rename(path)
-    return path
+    sizes = [f"pretrain.{split}={n}" for split, n in scale.source.items()]
+    cfg = load_config(None, [*BACKBONE, *sizes, f"pretrain.epochs={scale.pretrain_epochs}"])
+    out = CACHE / f"stand-in-{settings_key(cfg)}"
+    summary = pretrain_step(cfg, out)
+    log.info("stand-in backbone: source-task test accuracy %.3f (%s)", summary["source_test_accuracy"], out)
+    return out / BACKBONE_FILE
 
 
 def _target_data(root: Path, scale: Scale) -> Path:

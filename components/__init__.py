@@ -19,7 +19,7 @@ from components import compare, steps
 
 IMAGE_ENV = "DVPT_IMAGE"
 DEFAULT_IMAGE = "dvpt-mlops:0.1.0"
-HELPERS = (steps._log_scalars, steps._image_page)
+HELPERS = (steps._log_scalars, steps._image_page, steps._weights_note)
 
 
 def default_image() -> str:
@@ -29,8 +29,9 @@ def default_image() -> str:
 
 @dataclass(frozen=True)
 class StepComponents:
-    """The six components of the DVPT pipeline, in pipeline order."""
+    """The seven components of the DVPT pipeline, in pipeline order."""
 
+    pretrain: PythonComponent
     validate: PythonComponent
     preprocess: PythonComponent
     train: PythonComponent
@@ -55,6 +56,7 @@ def _component(func: Callable, image: str | None) -> PythonComponent:
 def build_components(image: str | None = None) -> StepComponents:
     """Every step as a component running in ``image`` (default: :func:`default_image`)."""
     return StepComponents(
+        pretrain=_component(steps.pretrain, image),
         validate=_component(steps.validate, image),
         preprocess=_component(steps.preprocess, image),
         train=_component(steps.train, image),

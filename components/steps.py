@@ -15,6 +15,18 @@ steps' own logs need no set-up here.
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
+def pretrain(config_json: str, backbone: Output[Model], metrics: Output[Metrics]):
+    """The stand-in backbone (``model.weights=stand-in``); an empty artifact otherwise."""
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.pretrain import pretrain_if_stand_in
+
+    summary = pretrain_if_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
+    backbone.metadata["stand_in"] = summary["stand_in"]
+    _log_scalars(metrics, summary)
+
+
 def validate(config_json: str, data_dir: str, validation: Output[Artifact], data_docs: Output[HTML],
              metrics: Output[Metrics]):
     """Great Expectations over ``data_dir``; fails the run (naming every bad file) on bad data.
@@ -49,49 +61,56 @@ def preprocess(config_json: str, data_dir: str, cache: Output[Dataset], metrics:
     _log_scalars(metrics, meta)
 
 
-def train(config_json: str, data_dir: str, cache: Input[Dataset], model: Output[Model],
-          metrics: Output[Metrics]):
+def train(config_json: str, data_dir: str, cache: Input[Dataset], backbone: Input[Model],
+          validation: Input[Artifact], model: Output[Model], metrics: Output[Metrics]):
     """The train step folder (``adapter/``, ``run.json``, ``history.csv``) as a Model artifact.
 
-    ``data_dir`` is passed so the MLflow run records the dataset's DVC hash where one exists.
+    ``data_dir`` is passed so the MLflow run records the dataset's DVC hash where one exists, and
+    ``validation`` so it keeps the data gate's verdict and Data Docs.
     """
     from pathlib import Path
 
     from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.pretrain import use_stand_in
     from dvpt_core.steps.train import train as step
 
-    cfg = ExperimentConfig.from_json(config_json)
-    summary = step(cfg, Path(cache.path), Path(model.path), data_root=Path(data_dir))
-    model.metadata.update({key: summary[key] for key in ("run_id", "backbone", "method", "random_weights")})
+    cfg = use_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
+    summary = step(cfg, Path(cache.path), Path(model.path), data_root=Path(data_dir),
+                   validation_dir=Path(validation.path))
+    model.metadata.update({key: summary[key] for key in ("run_id", "backbone", "method", "random_weights",
+                                                         "stand_in_weights")})
     _log_scalars(metrics, summary)
 
 
-def evaluate(config_json: str, cache: Input[Dataset], model: Input[Model], evaluation: Output[Artifact],
-             confusion_matrix: Output[HTML], metrics: Output[Metrics]):
+def evaluate(config_json: str, cache: Input[Dataset], backbone: Input[Model], model: Input[Model],
+             evaluation: Output[Artifact], confusion_matrix: Output[HTML], metrics: Output[Metrics]):
     """Test-split kappa and accuracy; the confusion matrix as an inline HTML page."""
     from pathlib import Path
 
     from dvpt_core.config import ExperimentConfig
     from dvpt_core.steps.evaluate import evaluate as step
+    from dvpt_core.steps.pretrain import use_stand_in
 
-    cfg = ExperimentConfig.from_json(config_json)
+    cfg = use_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
     report = step(cfg, Path(cache.path), Path(model.path), Path(evaluation.path))
     _image_page(Path(evaluation.path) / "confusion_matrix.png", Path(confusion_matrix.path),
-                f"Confusion matrix on {report['split']}" + (" (RANDOM WEIGHTS)" if report["random_weights"] else ""))
+                f"Confusion matrix on {report['split']}" + _weights_note(report))
     _log_scalars(metrics, report)
 
 
-def export(config_json: str, cache: Input[Dataset], model: Input[Model], onnx_model: Output[Model],
-           metrics: Output[Metrics]):
+def export(config_json: str, cache: Input[Dataset], backbone: Input[Model], model: Input[Model],
+           onnx_model: Output[Model], metrics: Output[Metrics]):
     """``model.onnx`` and ``export.json``; fails when ONNX Runtime disagrees with PyTorch."""
     from pathlib import Path
 
     from dvpt_core.config import ExperimentConfig
     from dvpt_core.steps.export import export as step
+    from dvpt_core.steps.pretrain import use_stand_in
 
-    cfg = ExperimentConfig.from_json(config_json)
+    cfg = use_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
     report = step(cfg, Path(cache.path), Path(model.path), Path(onnx_model.path))
-    onnx_model.metadata.update({key: report[key] for key in ("opset", "input", "output", "random_weights")})
+    onnx_model.metadata.update({key: report[key] for key in ("opset", "input", "output", "random_weights",
+                                                              "stand_in_weights")})
     _log_scalars(metrics, report)
 
 
@@ -114,6 +133,13 @@ def _log_scalars(metrics: Metrics, values: dict, prefix: str = ""):
             _log_scalars(metrics, value, f"{prefix}{key}.")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(f"{prefix}{key}", value)
+
+
+def _weights_note(report: dict) -> str:
+    """The title suffix that says when the backbone was not a real pretrained one."""
+    if report["random_weights"]:
+        return " (RANDOM WEIGHTS)"
+    return " (STAND-IN WEIGHTS)" if report["stand_in_weights"] else ""
 
 
 def _image_page(png: "Path", html: "Path", title: str):

@@ -42,6 +42,12 @@ def cmd_generate_data(args: argparse.Namespace) -> dict:
     return {"data": str(args.out), "format": cfg.data.format, **cfg.synthetic.model_dump()}
 
 
+def cmd_pretrain(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.pretrain import pretrain_if_stand_in
+
+    return pretrain_if_stand_in(config_from_args(args), args.out)
+
+
 def cmd_validate(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.validate import validate
 
@@ -57,7 +63,7 @@ def cmd_preprocess(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.train import train
 
-    return train(config_from_args(args), args.cache, args.out, data_root=args.data)
+    return train(config_from_args(args), args.cache, args.out, data_root=args.data, validation_dir=args.validation)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
@@ -118,13 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen = add("generate-data", cmd_generate_data, "write a built-in synthetic dataset in data.format's layout (ddr, kvasir, acdc)")
     gen.add_argument("--out", type=Path, default=Path("data"), help="dataset folder (default: data)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    add("pretrain", cmd_pretrain, "pre-train the stand-in backbone on the synthetic source task (only with model.weights=stand-in)",
+        out="folder for backbone.safetensors and pretrain.json")
     add("validate", cmd_validate, "check a dataset with Great Expectations",
         data="dataset folder", out="folder for manifest, validation.json and Data Docs")
     add("preprocess", cmd_preprocess, "resize and cache the splits as memory-mapped arrays",
         data="dataset folder", out="cache folder")
     add("train", cmd_train, "train the configured method on the frozen backbone (logs to MLflow)",
-        optional=("data",), cache="preprocessed cache folder", out="folder for the adapter and run.json",
-        data="dataset folder, for the DVC lineage hash (optional)")
+        optional=("data", "validation"), cache="preprocessed cache folder", out="folder for the adapter and run.json",
+        data="dataset folder, for the DVC lineage hash (optional)",
+        validation="the validate step's folder, logged to the run (optional)")
     add("evaluate", cmd_evaluate, "score the adapter on the test split",
         cache="preprocessed cache folder", train="train step folder", out="metrics folder")
     add("export", cmd_export, "export backbone + adapter to ONNX and check parity",
@@ -162,13 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         print(f"dvpt {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if result.get("random_weights") in (True, "true"):
-        print("WARNING: RANDOM WEIGHTS - this result comes from a randomly initialised backbone", file=sys.stderr)
+    _warn_about_weights(result)
     if args.command == "summary" and not args.json:
         print(_summary_text(result))
     else:
         _print(result)
     return 0
+
+
+def _warn_about_weights(result: dict) -> None:
+    """The last line a user reads says so when the backbone was not a real pretrained one."""
+    if result.get("random_weights") in (True, "true"):
+        print("WARNING: RANDOM WEIGHTS - this result comes from a randomly initialised backbone", file=sys.stderr)
+    elif result.get("stand_in_weights") in (True, "true") or result.get("stand_in") is True:
+        print("WARNING: STAND-IN WEIGHTS - this result comes from a backbone pre-trained here on synthetic data, "
+              "not from a foundation model", file=sys.stderr)
 
 
 def _summary_text(summary: dict) -> str:

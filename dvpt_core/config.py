@@ -183,8 +183,12 @@ class ModelConfig(_Strict):
     # Extra timm.create_model arguments (e.g. a smaller Swin for tests: embed_dim, depths, num_heads).
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     # "pretrained": timm's hub weights, or ``weights_file`` when given (no network needed).
+    # "stand-in": the architecture pre-trained here on the synthetic source task by the pretrain
+    # step (``dvpt pretrain``), read from ``weights_file``; a stand-in for a foundation model where
+    # none can be downloaded, and every output says so.
     # "random": random initialisation, for tests and smoke runs only; every output says so.
-    weights: Literal["pretrained", "random"] = "pretrained"
+    weights: Literal["pretrained", "stand-in", "random"] = "pretrained"
+    # Checked when the backbone is built, not here: the pretrain step may not have written it yet.
     weights_file: Path | None = None
     # Seed of a random initialisation, so the same "random" backbone can be rebuilt to load an adapter.
     init_seed: int = 0
@@ -209,12 +213,12 @@ class ModelConfig(_Strict):
     adaptformer: AdaptFormerConfig = Field(default_factory=AdaptFormerConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
 
-    @field_validator("weights_file")
-    @classmethod
-    def _weights_file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"model.weights_file {value} does not exist")
-        return value
+    @model_validator(mode="after")
+    def _stand_in_has_a_file(self) -> "ModelConfig":
+        if self.weights == "stand-in" and self.weights_file is None:
+            raise ValueError("model.weights=stand-in needs model.weights_file: where the pretrain step writes "
+                             "the backbone (e.g. outputs/pretrain/backbone.safetensors)")
+        return self
 
     @field_validator("backbone_kwargs")
     @classmethod
@@ -226,12 +230,20 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Optimisation. Defaults follow the paper's DDR setting (section 4.1.3) where it gives one."""
+    """Optimisation. Defaults follow the paper's DDR setting (section 4.1.3) where it gives one.
+
+    The learning rate warms up linearly over ``warmup_epochs`` (per step) to exactly ``lr``, then
+    follows a cosine to zero over the remaining steps. ``weight_decay_on``: "weights" (default)
+    decays only matrices and convolution kernels, never biases, norms, gates, prompts or position
+    embeddings (decaying a prompt or a zero-initialised gate pulls it towards "no adaptation");
+    "all" decays every trainable tensor, as the authors' released code does.
+    """
 
     epochs: int = Field(default=80, ge=1)
     batch_size: int = Field(default=70, ge=1)
     lr: float = Field(default=0.01, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
+    weight_decay_on: Literal["weights", "all"] = "weights"
     warmup_epochs: int = Field(default=5, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
     amp: bool = True
@@ -246,6 +258,25 @@ class TrainConfig(_Strict):
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
 
 
+class PretrainConfig(_Strict):
+    """The stand-in foundation model (``model.weights=stand-in``): ``model``'s architecture
+    (backbone, backbone_kwargs, image_size, init_seed) trained from scratch, fully, on the
+    synthetic SOURCE task (``dvpt_core.data.synthetic.source``: coloured dots on cluttered scenes,
+    8 classes; a different domain and task from the target). Sizes are images per class-balanced
+    split; the optimisation mirrors ``train``'s. Deterministic for given settings, so the step's
+    output is cached by them (DVC's run cache, the KFP cache, and the step's own key)."""
+
+    train: int = Field(default=1600, ge=8)
+    valid: int = Field(default=160, ge=8)
+    test: int = Field(default=160, ge=8)
+    epochs: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    seed: int = 0
+
+
 class TrackingConfig(_Strict):
     """MLflow. ``tracking_uri`` None means $MLFLOW_TRACKING_URI, else a local SQLite file."""
 
@@ -253,6 +284,9 @@ class TrackingConfig(_Strict):
     experiment: str = "dvpt"
     registered_model: str = "dvpt-adapter"
     alias: str = "challenger"
+    # Inside `dvc exp run` the register step records the run but creates no model version (and
+    # moves no alias) unless this is true: trying settings should not touch the registry.
+    register_experiments: bool = False
 
     def resolved_uri(self) -> str:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -267,6 +301,7 @@ class ExperimentConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

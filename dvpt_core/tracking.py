@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import subprocess
+import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import yaml
 
 from dvpt_core.config import ExperimentConfig
@@ -78,3 +82,39 @@ def read_run_file(train_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the train step first")
     return json.loads(path.read_text())
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """``<method>-<backbone>-<UTC time>-<4 hex>``: readable, and unique even when every run is
+    seeded alike (the suffix comes from the OS, not from the seeded generators)."""
+    backbone = cfg.model.backbone.split("/")[-1].split(".")[0]
+    return f"{cfg.model.method}-{backbone}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment this process runs in (``dvc exp run`` sets it), or ""."""
+    return os.environ.get("DVC_EXP_NAME", "")
+
+
+# MLflow's contexts for the three splits of a dataset input.
+SPLIT_CONTEXTS = {"train": "training", "valid": "validation", "test": "testing"}
+
+
+def log_dataset_inputs(splits_csv: Path, data_root: Path | None, digest: str, commit: str) -> None:
+    """Each split as an MLflow dataset input of the active run: its rows of ``splits.csv`` (paths,
+    labels, content hashes) as the dataset, the DVC hash of the data as its digest, and the data
+    path at the git revision as its source."""
+    if not Path(splits_csv).is_file():
+        return
+    # Strings throughout: the file is a record of paths and labels, not model input.
+    table = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
+    where = str(Path(data_root).resolve()) if data_root else str(Path(splits_csv).resolve().parent)
+    name = Path(where).name
+    for split, context in SPLIT_CONTEXTS.items():
+        rows = table[table["split"] == split].reset_index(drop=True)
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that the path is ambiguous.
+            warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
+            dataset = mlflow.data.from_pandas(rows, source=f"{where}@{commit}", name=f"{name}:{split}",
+                                              digest=digest)
+        mlflow.log_input(dataset, context=context)

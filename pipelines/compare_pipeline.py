@@ -8,7 +8,8 @@ Each cell first gets its own configuration (the ``cell_config`` component applie
 (seed, ratio). The ``compare`` task reads every cell's MLflow run and writes the HTML report
 (table and plot), logged to MLflow as a parent run ``comparison`` over the cell runs. It consumes
 the train models through ``dsl.Collected``, which makes it wait for the whole loop, evaluation
-included. Caching is off for every task, as in :mod:`pipelines.dvpt_pipeline`.
+included. Caching is off for every task but the stand-in backbone's, as in
+:mod:`pipelines.dvpt_pipeline`.
 
 No ``from __future__ import annotations``: ``dsl.pipeline`` reads the annotations as real types.
 """
@@ -39,17 +40,22 @@ def build_compare_pipeline(image: str | None = None, data_pvc: str | None = None
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
     def dvpt_compare(data_dir: str, config_json: str, grid: list) -> outputs:
+        pretrained = step.pretrain(config_json=config_json)
+        backbone = pretrained.outputs["backbone"]
         validated = step.validate(config_json=config_json, data_dir=data_dir)
         with dsl.ParallelFor(grid) as cell:
             configured = own.cell_config(config_json=config_json, cell=cell).after(validated)
             cell_json = configured.output
             cached = step.preprocess(config_json=cell_json, data_dir=data_dir)
             cache = cached.outputs["cache"]
-            trained = step.train(config_json=cell_json, data_dir=data_dir, cache=cache)
-            evaluated = step.evaluate(config_json=cell_json, cache=cache, model=trained.outputs["model"])
+            trained = step.train(config_json=cell_json, data_dir=data_dir, cache=cache, backbone=backbone,
+                                 validation=validated.outputs["validation"])
+            evaluated = step.evaluate(config_json=cell_json, cache=cache, backbone=backbone,
+                                      model=trained.outputs["model"])
         compared = own.compare(config_json=config_json, models=dsl.Collected(trained.outputs["model"]))
         for task in (validated, configured, cached, trained, evaluated, compared):
             task.set_caching_options(enable_caching=False)
+        pretrained.set_caching_options(enable_caching=True)
         if data_pvc:
             for task in (validated, cached, trained):
                 kubernetes.mount_pvc(task, pvc_name=data_pvc, mount_path=DATA_MOUNT)

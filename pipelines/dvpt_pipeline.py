@@ -6,8 +6,9 @@ Every task runs a component from :mod:`components`, i.e. the same ``dvpt_core.st
 and ``config_json``, the whole :class:`~dvpt_core.config.ExperimentConfig`, defaulting at compile
 time to the configuration the user compiled with.
 
-Caching is off for every task: KFP would key a cache hit on the ``data_dir`` string, not on the
-files under it, and a cached train or register task would skip its MLflow run or model version.
+Caching is off for every task but ``pretrain``: KFP would key a cache hit on the ``data_dir``
+string, not on the files under it, and a cached train or register task would skip its MLflow run
+or model version. The stand-in backbone depends on the configuration alone, so it is cached.
 
 No ``from __future__ import annotations``: ``dsl.pipeline`` reads the pipeline function's
 annotations as real types.
@@ -51,19 +52,24 @@ def build_pipeline(image: str | None = None, data_pvc: str | None = None) -> Gra
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
     def dvpt_pipeline(data_dir: str, config_json: str) -> outputs:
+        pretrained = step.pretrain(config_json=config_json)
+        backbone = pretrained.outputs["backbone"]
         validated = step.validate(config_json=config_json, data_dir=data_dir)
         cached = step.preprocess(config_json=config_json, data_dir=data_dir).after(validated)
         cache = cached.outputs["cache"]
-        trained = step.train(config_json=config_json, data_dir=data_dir, cache=cache)
+        trained = step.train(config_json=config_json, data_dir=data_dir, cache=cache, backbone=backbone,
+                             validation=validated.outputs["validation"])
         model = trained.outputs["model"]
-        evaluated = step.evaluate(config_json=config_json, cache=cache, model=model)
-        exported = step.export(config_json=config_json, cache=cache, model=model)
+        evaluated = step.evaluate(config_json=config_json, cache=cache, backbone=backbone, model=model)
+        exported = step.export(config_json=config_json, cache=cache, backbone=backbone, model=model)
         # After evaluate too: a model whose evaluation failed is never registered.
         registered = step.register(
             config_json=config_json, model=model, onnx_model=exported.outputs["onnx_model"]
         ).after(evaluated)
         for task in (validated, cached, trained, evaluated, exported, registered):
             task.set_caching_options(enable_caching=False)
+        # The stand-in is a pure function of the configuration: reuse it across runs.
+        pretrained.set_caching_options(enable_caching=True)
         if data_pvc:
             for task in (validated, cached, trained):
                 kubernetes.mount_pvc(task, pvc_name=data_pvc, mount_path=DATA_MOUNT)
@@ -135,6 +141,7 @@ def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dic
     # kfp.local writes <pipeline_root>/<run>/<task>/<output>: every task's outputs sit in run_dir.
     return {**registered, "test_metrics": dict(task.outputs["test_metrics"].metadata),
             "random_weights": task.outputs["model"].metadata["random_weights"],
+            "stand_in_weights": task.outputs["model"].metadata["stand_in_weights"],
             "run_dir": str(registration.parents[1])}
 
 

@@ -88,7 +88,7 @@ def test_compiled_pipeline_validates_once_fans_out_over_the_grid_and_fans_in(tmp
 
     root = spec["root"]
     assert {name: set(t.get("dependentTasks", [])) for name, t in root["dag"]["tasks"].items()} == {
-        "validate": set(), "for-loop-1": {"validate"}, "compare": {"for-loop-1"}}
+        "pretrain": set(), "validate": set(), "for-loop-1": {"pretrain", "validate"}, "compare": {"for-loop-1"}}
     assert root["dag"]["tasks"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--grid"
     assert root["inputDefinitions"]["parameters"]["grid"]["defaultValue"] == json.loads(json.dumps(grid))
     assert json.loads(root["inputDefinitions"]["parameters"]["config_json"]["defaultValue"]) == json.loads(cfg.to_json())
@@ -97,7 +97,8 @@ def test_compiled_pipeline_validates_once_fans_out_over_the_grid_and_fans_in(tmp
         "cell-config": set(), "preprocess": {"cell-config"}, "train": {"cell-config", "preprocess"},
         "evaluate": {"cell-config", "preprocess", "train"}}
     every_task = [*root["dag"]["tasks"].values(), *loop.values()]
-    assert not any(t.get("cachingOptions", {}).get("enableCache") for t in every_task)
+    assert [t["componentRef"]["name"] for t in every_task if t.get("cachingOptions", {}).get("enableCache")] == [
+        "comp-pretrain"]
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {"reg/dvpt:2"}
     mounted = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(mounted) == {"exec-validate", "exec-preprocess", "exec-train"}

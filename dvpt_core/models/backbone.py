@@ -10,8 +10,11 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import timm
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from dvpt_core.config import ModelConfig
@@ -22,6 +25,13 @@ RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: backbone {name} is randomly initialised (model.weights=random, seed {seed}); "
     "results say nothing about a pretrained model"
 )
+STAND_IN_WARNING = (
+    "STAND-IN WEIGHTS: backbone {name} was pre-trained here on a synthetic source task ({file}), "
+    "not a foundation model; results show the method works, not how it does on real weights"
+)
+# The safetensors metadata key the pretrain step writes: a weights file carrying it is a stand-in,
+# whichever ``model.weights`` setting loads it.
+STAND_IN_METADATA_KEY = "dvpt_stand_in"
 
 
 class BackboneError(RuntimeError):
@@ -39,6 +49,12 @@ class BackboneInfo:
     std: tuple[float, float, float]
     fingerprint: str
     frozen_projection: bool
+    stand_in: bool = False
+
+    @property
+    def weights_label(self) -> str:
+        """What every output shows beside its results: "" for real pretrained weights."""
+        return "RANDOM WEIGHTS" if self.random_weights else "STAND-IN WEIGHTS" if self.stand_in else ""
 
 
 def wants_frozen_projection(cfg: ModelConfig) -> bool:
@@ -58,6 +74,8 @@ def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
     kwargs: dict = {**cfg.backbone_kwargs, "img_size": cfg.image_size}
     if not projection:
         kwargs["num_classes"] = 0
+    if cfg.weights != "random" and cfg.weights_file is not None:
+        _check_weights_file(cfg)
     try:
         if cfg.weights == "random":
             log.warning(RANDOM_WEIGHTS_WARNING.format(name=cfg.backbone, seed=cfg.init_seed))
@@ -82,6 +100,9 @@ def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
     model.eval()
     model.requires_grad_(False)
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    stand_in = cfg.weights != "random" and is_stand_in(cfg.weights_file)
+    if stand_in:
+        log.warning(STAND_IN_WARNING.format(name=cfg.backbone, file=cfg.weights_file))
     info = BackboneInfo(
         name=cfg.backbone,
         random_weights=cfg.weights == "random",
@@ -90,8 +111,35 @@ def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
         std=tuple(float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))),
         fingerprint=fingerprint(model),
         frozen_projection=projection,
+        stand_in=stand_in,
     )
     return model, info
+
+
+def is_stand_in(weights_file: Path | None) -> bool:
+    """Whether ``weights_file`` is the pretrain step's stand-in (its safetensors metadata says so)."""
+    if weights_file is None or Path(weights_file).suffix != ".safetensors":
+        return False
+    with safe_open(str(weights_file), framework="pt") as handle:
+        return STAND_IN_METADATA_KEY in (handle.metadata() or {})
+
+
+def weights_warning(info: BackboneInfo, init_seed: int = 0, weights_file: Path | None = None) -> str | None:
+    """The loud line for random or stand-in weights (None for real pretrained weights)."""
+    if info.random_weights:
+        return RANDOM_WEIGHTS_WARNING.format(name=info.name, seed=init_seed)
+    if info.stand_in:
+        return STAND_IN_WARNING.format(name=info.name, file=weights_file or "its weights file")
+    return None
+
+
+def _check_weights_file(cfg: ModelConfig) -> None:
+    if not Path(cfg.weights_file).is_file():
+        hint = " (run the pretrain step first: dvpt pretrain)" if cfg.weights == "stand-in" else ""
+        raise BackboneError(f"model.weights_file {cfg.weights_file} does not exist{hint}")
+    if cfg.weights == "stand-in" and not is_stand_in(cfg.weights_file):
+        raise BackboneError(f"model.weights=stand-in but {cfg.weights_file} was not written by the pretrain step "
+                            "(no stand-in marker in its metadata); use model.weights=pretrained for real weights")
 
 
 def _load_failure(cfg: ModelConfig, err: Exception) -> str:

@@ -42,6 +42,7 @@ def save_adapter(model: AdaptedClassifier, cfg: ExperimentConfig, out_dir: Path)
         "backbone": info.name,
         "backbone_fingerprint": info.fingerprint,
         "random_weights": info.random_weights,
+        "stand_in": info.stand_in,
         "image_size": info.image_size,
         "mean": list(info.mean),
         "std": list(info.std),
@@ -83,6 +84,13 @@ def adapter_experiment(adapter_dir: Path, overrides: dict[str, Any] | None = Non
     meta = read_adapter_config(adapter_dir)
     model = {**meta["model"], **(overrides or {})}
     return ExperimentConfig.model_validate({"model": model, "data": {"class_names": meta["class_names"]}})
+
+
+def backbone_location(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Where this machine keeps the backbone weights, when the configuration says so: the only
+    model setting that may differ from the adapter's own (the file moves between machines and
+    pods; the fingerprint check still proves it holds the same weights)."""
+    return {"weights_file": cfg.model.weights_file} if cfg.model.weights_file is not None else {}
 
 
 def apply_adapter(model: AdaptedClassifier, adapter_dir: Path) -> AdaptedClassifier:

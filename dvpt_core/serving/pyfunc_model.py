@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from dvpt_core.peft.adapter import load_adapter
-
-ADAPTER_ARTIFACT = "adapter"
+from dvpt_core.serving.logged_model import ADAPTER_ARTIFACT
 # Where the serving machine keeps the backbone checkpoint, if not where training had it.
 WEIGHTS_FILE_ENV = "DVPT_BACKBONE_WEIGHTS"
 

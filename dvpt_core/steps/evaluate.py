@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
 
 import mlflow
+import torch
 
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.engine import predict
 from dvpt_core.metrics.classification import classification_metrics, confusion_matrix, plot_confusion_matrix
-from dvpt_core.peft.adapter import load_adapter
+from dvpt_core.peft.adapter import backbone_location, load_adapter
 from dvpt_core.runtime import resolve_device
 from dvpt_core.tracking import read_run_file, resume_run
 
@@ -24,7 +26,7 @@ def evaluate(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    model = load_adapter(Path(train_dir) / "adapter").to(device)
+    model = load_adapter(Path(train_dir) / "adapter", backbone_location(cfg)).to(device)
     info = model.info
     loader = make_loader(Path(cache_dir) / split, info.mean, info.std, False, cfg)
     logits, labels = predict(model, loader, device, amp=cfg.train.amp, desc=f"evaluate {split}")
@@ -33,15 +35,24 @@ def evaluate(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: P
     metrics = classification_metrics(preds, labels, num_classes)
     metrics["samples"] = int(len(labels))
     matrix = confusion_matrix(preds, labels, num_classes)
-    title = f"{info.name} + {cfg.model.method} on {split}" + (" (RANDOM WEIGHTS)" if info.random_weights else "")
+    title = f"{info.name} + {cfg.model.method} on {split}" + (f" ({info.weights_label})" if info.weights_label else "")
     plot = plot_confusion_matrix(matrix, cfg.data.class_names, out_dir / "confusion_matrix.png", title)
-    report = {**metrics, "split": split, "random_weights": info.random_weights,
-              "confusion_matrix": matrix.tolist()}
+    report = {**metrics, "split": split, "random_weights": info.random_weights, "stand_in_weights": info.stand_in}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    _write_predictions(out_dir / "predictions.csv", labels, preds, cfg.data.class_names)
     run = read_run_file(train_dir)
     with resume_run(cfg, run["run_id"]):
-        mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items()})
+        # On the logged model too, so the registry shows each version's test scores.
+        mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items()}, model_id=run.get("model_id"))
         mlflow.log_artifact(str(plot))
         mlflow.log_artifact(str(out_dir / "metrics.json"))
     log.info("%s: kappa=%.4f accuracy=%.4f on %d images", split, metrics["kappa"], metrics["accuracy"], len(labels))
-    return report
+    return {**report, "confusion_matrix": matrix.tolist()}
+
+
+def _write_predictions(path: Path, labels: torch.Tensor, preds: torch.Tensor, class_names: list[str]) -> None:
+    """One row per test image (true and predicted grade by name): DVC's confusion-matrix plot."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows([class_names[int(a)], class_names[int(p)]] for a, p in zip(labels, preds))

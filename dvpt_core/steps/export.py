@@ -19,7 +19,7 @@ import torch
 
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.data.dataset import make_loader
-from dvpt_core.peft.adapter import load_adapter
+from dvpt_core.peft.adapter import backbone_location, load_adapter
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "images", "logits"
@@ -62,7 +62,7 @@ def onnx_parity(model: torch.nn.Module, path: Path, batches: list[torch.Tensor])
 
 def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
-    model = load_adapter(Path(train_dir) / "adapter").cpu().eval()
+    model = load_adapter(Path(train_dir) / "adapter", backbone_location(cfg)).cpu().eval()
     info = model.info
     loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg)
     images, _ = next(iter(loader))
@@ -83,7 +83,7 @@ def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Pat
         "tolerance": cfg.export.parity_atol, "input": INPUT, "output": OUTPUT,
         "input_shape": ["batch", 3, info.image_size, info.image_size],
         "mean": list(info.mean), "std": list(info.std), "class_names": cfg.data.class_names,
-        "random_weights": info.random_weights, "bytes": path.stat().st_size,
+        "random_weights": info.random_weights, "stand_in_weights": info.stand_in, "bytes": path.stat().st_size,
     }
     (out_dir / "export.json").write_text(json.dumps(report, indent=2))
     log.info("exported %s (%d bytes), parity max |diff| %.2e", path, report["bytes"], worst)

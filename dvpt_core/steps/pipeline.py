@@ -8,21 +8,26 @@ from dvpt_core.config import ExperimentConfig
 from dvpt_core.steps.evaluate import evaluate
 from dvpt_core.steps.export import export
 from dvpt_core.steps.preprocess import preprocess
+from dvpt_core.steps.pretrain import pretrain_if_stand_in, use_stand_in
 from dvpt_core.steps.register import register
 from dvpt_core.steps.train import train
 from dvpt_core.steps.validate import validate
 
 # Sub-folders of the output root, the same names dvc.yaml uses for its outs.
-STEP_DIRS = ("validation", "cache", "train", "evaluation", "export", "registry")
+STEP_DIRS = ("pretrain", "validation", "cache", "train", "evaluation", "export", "registry")
 
 
 def run_all(cfg: ExperimentConfig, data_root: Path, out_root: Path) -> dict:
+    """With ``model.weights=stand-in`` the pretrain step runs first (or reuses its output) and
+    the backbone is read from where it wrote it, whatever ``model.weights_file`` said."""
     out = {name: Path(out_root) / name for name in STEP_DIRS}
+    pretrain_if_stand_in(cfg, out["pretrain"])
+    cfg = use_stand_in(cfg, out["pretrain"])
     validate(cfg, data_root, out["validation"])
     preprocess(cfg, data_root, out["cache"])
-    trained = train(cfg, out["cache"], out["train"], data_root=data_root)
+    trained = train(cfg, out["cache"], out["train"], data_root=data_root, validation_dir=out["validation"])
     metrics = evaluate(cfg, out["cache"], out["train"], out["evaluation"])
     exported = export(cfg, out["cache"], out["train"], out["export"])
     registered = register(cfg, out["train"], out["export"], out["registry"])
     return {"train": trained, "test": metrics, "export": exported, "registry": registered,
-            "random_weights": metrics["random_weights"]}
+            "random_weights": metrics["random_weights"], "stand_in_weights": metrics["stand_in_weights"]}

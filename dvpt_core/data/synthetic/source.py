@@ -1,6 +1,6 @@
-"""The synthetic SOURCE task the quality benchmark pre-trains its backbone on.
+"""The synthetic SOURCE task the stand-in foundation model is pre-trained on (the pretrain step).
 
-No pretrained weights can be downloaded here, so the benchmark makes its own "ImageNet": a generic
+No pretrained weights can be downloaded here, so the project makes its own "ImageNet": a generic
 scene task, not a medical one, whose features are worth transferring without being tailored to
 the target. Each image is a smooth background of a random muted colour with a brightness ramp,
 zero to two large discs of random colours (distractors), and a scatter of small dots whose hue
@@ -10,8 +10,9 @@ background, tell their colours apart and gauge how many there are, while the tar
 fundus-like DR grading set) differs in domain (a retina, not a scene), palette (orange-red) and
 label semantics (lesion types and counts on an ordinal scale).
 
-Written in the ``folder`` layout (``{train,valid,test}/<class>/<id>.png``), so the benchmark
-pre-trains through the product's own preprocess, train and evaluate steps.
+``render_split`` returns a split as arrays for the pretrain step; ``generate_source`` writes it in
+the ``folder`` layout (``{train,valid,test}/<class>/<id>.png``) for anyone who wants to look at it
+or run it through the other steps.
 """
 
 from __future__ import annotations
@@ -29,14 +30,22 @@ CLASS_NAMES = [f"{hue}-{count}" for hue in HUE_BANDS for count in COUNTS]
 SUPERSAMPLE = 2
 
 
+def render_split(n: int, image_size: int, seed: int, split_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` images (uint8, n x S x S x 3) with classes balanced, and their labels (int64)."""
+    labels = np.arange(n, dtype=np.int64) % len(CLASS_NAMES)
+    images = np.stack([np.asarray(render(int(label), image_size, np.random.default_rng([seed, split_index, i])))
+                       for i, label in enumerate(labels)])
+    return images, labels
+
+
 def generate_source(root: Path, sizes: dict[str, int], image_size: int, seed: int) -> None:
     """Write ``sizes[split]`` images per split, classes balanced, to ``root``."""
     for split_index, (split, n) in enumerate(sizes.items()):
-        for i in range(n):
-            label = i % len(CLASS_NAMES)
+        images, labels = render_split(n, image_size, seed, split_index)
+        for i, (image, label) in enumerate(zip(images, labels)):
             folder = Path(root) / split / CLASS_NAMES[label]
             folder.mkdir(parents=True, exist_ok=True)
-            render(label, image_size, np.random.default_rng([seed, split_index, i])).save(folder / f"{split}_{i:05d}.png")
+            Image.fromarray(image).save(folder / f"{split}_{i:05d}.png")
 
 
 def render(label: int, size: int, rng: np.random.Generator) -> Image.Image:
