@@ -34,7 +34,9 @@ class DiceCrossEntropyLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 4 or logits.shape[1] < 2:
-            raise ValueError(f"expected N x C x H x W logits with C >= 2 (background included), got {tuple(logits.shape)}")
+            raise ValueError(
+                f"expected N x C x H x W logits with C >= 2 (background included), got {tuple(logits.shape)}"
+            )
         if target.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)} "
                              "(expected N x H x W class indices)")

@@ -20,7 +20,7 @@ from dvpt_core.config import ExperimentConfig, SyntheticConfig
 from dvpt_core.data.atomic import atomic_file
 from dvpt_core.data.cases import VolumeRecord, image_names, read_truth_volume, read_volume_records
 from dvpt_core.data.formats.pixels import resize_label_map
-from dvpt_core.data.restack import restack, restack_split, write_nifti
+from dvpt_core.data.restack import restack, restack_split
 from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.losses import segmentation_loss
 from dvpt_core.metrics.segmentation import binary_scores, class_table, score_case, summary_metrics
@@ -109,7 +109,8 @@ def test_means_over_cases_count_every_case_and_misses() -> None:
     cases = [score_case(f"c{i}", p, t, 4) for i, (p, t) in enumerate(zip(preds, truths))]
     names = ["background", "a", "b", "c"]
     rows = class_table(cases, names)
-    reference = np.array([[transunet_reference(p == c, t == c, None) for c in (1, 2, 3)] for p, t in zip(preds, truths)])
+    reference = np.array([[transunet_reference(p == c, t == c, None) for c in (1, 2, 3)]
+                          for p, t in zip(preds, truths)])
     for k, row in enumerate(rows[:3]):
         assert row["class"] == names[k + 1] and row["cases"] == 4
         assert row["dice"] == pytest.approx(reference[:, k, 0].mean()), "the missed case counts as Dice 0"
@@ -229,7 +230,8 @@ def test_2d_split_scores_each_image_by_name(tmp_path: Path) -> None:
     eroded = masks.copy()
     eroded[:, :, :16] = 0
     worse = score_split(tmp_path / "cache", "test", eroded, 2)
-    assert [c.dice[0] for c in worse] == pytest.approx([medpy.dc(e, m) if e.any() else 0.0 for e, m in zip(eroded, masks)])
+    expected = [medpy.dc(e, m) if e.any() else 0.0 for e, m in zip(eroded, masks)]
+    assert [c.dice[0] for c in worse] == pytest.approx(expected)
 
 
 def test_report_files(tmp_path: Path) -> None:

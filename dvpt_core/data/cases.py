@@ -137,23 +137,24 @@ def truth_volume(record: VolumeRecord, samples: Sequence[Sample], policy: MaskPo
             label_maps[sample.slice_index] = label
     volume = np.stack([label_maps[k] for k in record.slices], axis=record.slice_axis)
     if volume.shape != record.shape:
-        raise DatasetFormatError(f"{samples[0].mask}: label volume {record.volume} is {volume.shape}, expected {record.shape}")
+        raise DatasetFormatError(
+            f"{samples[0].mask}: label volume {record.volume} is {volume.shape}, expected {record.shape}"
+        )
     return volume
 
 
-def write_volume_cache(split_dir: Path, samples: Sequence[Sample], policy: MaskPolicy) -> int:
+def write_volume_cache(split_dir: Path, samples: Sequence[Sample], policy: MaskPolicy) -> None:
     """Writes ``volumes.json`` (and for an evaluated split ``volume_labels.npz``) when the split holds
-    volumes; returns how many. Called by the preprocess step once per segmentation split."""
+    volumes. Called by the preprocess step once per segmentation split."""
     groups = by_volume(samples)
     if not groups:
-        return 0
+        return
     records = [volume_record(volume, group) for volume, group in groups.items()]
     payload = {"volumes": [asdict(record) for record in records]}
     (Path(split_dir) / VOLUME_INFO_FILE).write_text(json.dumps(payload, indent=1) + "\n")
     if samples[0].split in EVALUATED_SPLITS:
         truths = {r.volume: truth_volume(r, groups[r.volume], policy) for r in records}
         np.savez_compressed(Path(split_dir) / VOLUME_LABELS_FILE, **truths)
-    return len(records)
 
 
 def has_volumes(split_dir: Path) -> bool:

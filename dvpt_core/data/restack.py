@@ -71,10 +71,13 @@ def restack_split(
     absent = sorted(set(records) - set(positions))
     if absent:
         raise ValueError(f"no predictions for volume(s) {absent}")
-    return (
-        (volume, restack(record, [slice_indices[i] for i in positions[volume]], [label_maps[i] for i in positions[volume]]))
-        for volume, record in records.items()
-    )
+
+    def volumes_in_order() -> Iterator[tuple[str, np.ndarray]]:
+        for volume, record in records.items():
+            at = positions[volume]
+            yield volume, restack(record, [slice_indices[i] for i in at], [label_maps[i] for i in at])
+
+    return volumes_in_order()
 
 
 def _as_uint8(label_map: np.ndarray, volume: str) -> np.ndarray:
@@ -83,7 +86,9 @@ def _as_uint8(label_map: np.ndarray, volume: str) -> np.ndarray:
         raise ValueError(f"volume {volume}: a predicted slice must be a 2D label map, got shape {label_map.shape}")
     if label_map.dtype != np.uint8:
         if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
-            raise ValueError(f"volume {volume}: label values {label_map.min()}..{label_map.max()} are not uint8 class indices")
+            raise ValueError(
+                f"volume {volume}: label values {label_map.min()}..{label_map.max()} are not uint8 class indices"
+            )
         label_map = label_map.astype(np.uint8)
     return label_map
 

@@ -73,7 +73,9 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = 
     return float(np.percentile(np.concatenate([forward, backward]).astype(np.float64), HD95_PERCENTILE))
 
 
-def binary_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> tuple[float, float, float]:
+def binary_scores(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[float, float, float]:
     """(Dice, IoU, HD95) of one class's boolean masks under the module's empty-mask convention."""
     predicted, present = int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
     if predicted == 0:
@@ -129,7 +131,8 @@ def class_table(cases: Sequence[CaseScores], class_names: Sequence[str]) -> list
     values = {m: np.array([getattr(case, m) for case in cases], dtype=np.float64) for m in METRICS}
     missed = np.array([case.missed for case in cases]).sum(axis=0)
     rows = [
-        {"class": name, **{m: float(values[m][:, k].mean()) for m in METRICS}, "cases": len(cases), "missed": int(missed[k])}
+        {"class": name, **{m: float(values[m][:, k].mean()) for m in METRICS},
+         "cases": len(cases), "missed": int(missed[k])}
         for k, name in enumerate(foreground)
     ]
     rows.append({"class": "mean", **{m: float(np.mean([row[m] for row in rows])) for m in METRICS},

@@ -42,7 +42,8 @@ def markdown_table(rows: Sequence[dict], hd95_unit: str) -> str:
     """``metrics.segmentation.class_table``'s rows as a Markdown table (Dice and IoU in %, as the paper)."""
     lines = [f"| class | Dice (%) | IoU (%) | HD95 ({hd95_unit}) | cases | missed |", "|---|---:|---:|---:|---:|---:|"]
     lines += [
-        f"| {row['class']} | {100 * row['dice']:.2f} | {100 * row['iou']:.2f} | {row['hd95']:.2f} | {row['cases']} | {row['missed']} |"
+        f"| {row['class']} | {100 * row['dice']:.2f} | {100 * row['iou']:.2f} | {row['hd95']:.2f} "
+        f"| {row['cases']} | {row['missed']} |"
         for row in rows
     ]
     return "\n".join(lines) + "\n"
