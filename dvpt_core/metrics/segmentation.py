@@ -67,10 +67,22 @@ class CaseScores:
 
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """medpy's ``hd95`` of two non-empty boolean masks, in the units of ``spacing`` (voxels if None)."""
-    edges_pred, edges_truth = get_mask_edges(pred, truth, crop=True)
+    edges_pred, edges_truth = get_mask_edges(*_cropped(pred, truth), crop=False)
     forward = get_surface_distance(edges_pred, edges_truth, spacing=spacing)
     backward = get_surface_distance(edges_truth, edges_pred, spacing=spacing)
     return float(np.percentile(np.concatenate([forward, backward]).astype(np.float64), HD95_PERCENTILE))
+
+
+def _cropped(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to their joint bounding box with one voxel of background around it, so the
+    borders and distances are those of the whole image. MONAI's own ``crop=True`` finds the box
+    through a torch transform that takes about 1 s per class on a 512 x 512 x 100 CT volume."""
+    union = pred | truth
+    box = []
+    for axis in range(union.ndim):
+        hits = np.flatnonzero(np.any(union, axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(hits[0], hits[-1] + 1))
+    return np.pad(pred[tuple(box)], 1), np.pad(truth[tuple(box)], 1)
 
 
 def binary_scores(
@@ -103,10 +115,13 @@ def score_case(
         raise ValueError(f"case {case}: spacing {tuple(spacing)} has {len(spacing)} values for a {pred.ndim}-D mask")
     if num_classes < 2:
         raise ValueError(f"num_classes is {num_classes}: segmentation needs background and at least one class")
-    scores = [binary_scores(pred == c, truth == c, spacing) for c in range(1, num_classes)]
-    missed = tuple(bool(np.any(truth == c)) and not np.any(pred == c) for c in range(1, num_classes))
+    scores, missed = [], []
+    for cls in range(1, num_classes):
+        predicted, present = pred == cls, truth == cls
+        scores.append(binary_scores(predicted, present, spacing))
+        missed.append(bool(present.any()) and not predicted.any())
     dice, iou, distance = (tuple(float(s[i]) for s in scores) for i in range(3))
-    return CaseScores(case, dice, iou, distance, missed, "voxel" if spacing is None else "mm")
+    return CaseScores(case, dice, iou, distance, tuple(missed), "voxel" if spacing is None else "mm")
 
 
 def score_images(names: Sequence[str], preds: np.ndarray, truths: np.ndarray, num_classes: int) -> list[CaseScores]:
