@@ -14,7 +14,6 @@ applies the softmax again (a softmax of softmaxes); here the softmax is applied 
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
 
 CE_WEIGHT = 0.5
@@ -27,6 +26,9 @@ class DiceCrossEntropyLoss(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # Imported here: importing MONAI takes several seconds, which every importer of this module would pay.
+        from monai.losses import DiceCELoss
+
         self.loss = DiceCELoss(
             include_background=True, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
             smooth_nr=SMOOTH, smooth_dr=SMOOTH, lambda_ce=CE_WEIGHT, lambda_dice=DICE_WEIGHT,

@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from monai.metrics.utils import get_mask_edges, get_surface_distance
 
 METRICS = ("dice", "iou", "hd95")
 HD95_PERCENTILE = 95
@@ -67,6 +66,9 @@ class CaseScores:
 
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """medpy's ``hd95`` of two non-empty boolean masks, in the units of ``spacing`` (voxels if None)."""
+    # Imported here: importing MONAI takes several seconds, which every importer of this module would pay.
+    from monai.metrics.utils import get_mask_edges, get_surface_distance
+
     edges_pred, edges_truth = get_mask_edges(*_cropped(pred, truth), crop=False)
     forward = get_surface_distance(edges_pred, edges_truth, spacing=spacing)
     backward = get_surface_distance(edges_truth, edges_pred, spacing=spacing)
