@@ -1,4 +1,4 @@
-"""Write a whole directory or nothing: readers (DVC, the next step) never see a half-written one."""
+"""Write a whole directory or file, or nothing: readers (DVC, the next step) never see a half-written one."""
 
 from __future__ import annotations
 
@@ -39,6 +39,24 @@ def atomic_directory(target: Path, *, replace: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _swap_into_place(tmp, target)
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` that replaces ``target`` when the block succeeds.
+
+    The temporary name keeps ``target``'s name as its end, so writers that choose the format from
+    the suffix (nibabel's ``.nii.gz``, matplotlib's ``.png``) still do. On an exception the partial
+    file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex[:12]}-{target.name}"
+    try:
+        yield tmp
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

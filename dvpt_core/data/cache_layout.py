@@ -11,3 +11,9 @@ LABELS_FILE = "labels.npy"
 MASKS_FILE = "masks.npy"
 VOLUMES_FILE = "volumes.npy"
 SLICES_FILE = "slices.npy"
+# Segmentation caches of 3D data, per split (``dvpt_core.data.cases``): each volume's shape, slice
+# axis, slice indices, voxel spacing and affine (JSON), and for the evaluated splits its label
+# volume at the original resolution (compressed .npz keyed by volume id), which evaluation scores
+# the restacked predictions against.
+VOLUME_INFO_FILE = "volumes.json"
+VOLUME_LABELS_FILE = "volume_labels.npz"

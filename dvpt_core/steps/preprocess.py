@@ -7,7 +7,8 @@ de-duplicated and leak-checked, with ``data.label_ratio``'s subset of the traini
 per split the step writes ``<split>/images.npy`` (uint8, N x S x S x 3, RGB, bilinear resize)
 and, for classification, ``<split>/labels.npy`` (int64); for segmentation ``<split>/masks.npy``
 (uint8 N x S x S class indices, nearest-neighbour resize) with ``volumes.npy`` / ``slices.npy``
-(each slice's volume id and index, so evaluation can restack 3D volumes). ``splits.csv`` records
+(each slice's volume id and index, so evaluation can restack 3D volumes), and for 3D data
+``volumes.json`` and ``volume_labels.npz`` (``dvpt_core.data.cases``). ``splits.csv`` records
 every sample's split and content hash and ``meta.json`` the settings and counts. Everything is
 written into a temporary directory beside ``out_dir`` and renamed into place at the end, so a
 crash never leaves a half-written cache for DVC or the next step to pick up.
@@ -25,6 +26,7 @@ import numpy as np
 
 from dvpt_core.config import DataConfig, ExperimentConfig
 from dvpt_core.data.atomic import atomic_directory, is_non_empty_dir
+from dvpt_core.data.cases import write_volume_cache
 from dvpt_core.data.cache_layout import (
     IMAGES_FILE, LABELS_FILE, MASKS_FILE, META_FILE, SLICES_FILE, SPLITS_FILE, VOLUMES_FILE,
 )
@@ -88,7 +90,9 @@ def _layout(task: str) -> dict[str, str]:
     if task == "classification":
         return {"images": "uint8 NHWC RGB", "labels": "int64"}
     return {"images": "uint8 NHWC RGB", "masks": "uint8 NHW class indices",
-            "volumes": "unicode volume id per slice ('' for 2D)", "slices": "int32 slice index (-1 for 2D)"}
+            "volumes": "unicode volume id per slice ('' for 2D)", "slices": "int32 slice index (-1 for 2D)",
+            "volumes.json": "3D only: per volume shape, slice axis, slices, spacing (mm), affine",
+            "volume_labels.npz": "3D valid/test only: uint8 label volume at original resolution per volume id"}
 
 
 def write_split(split_dir: Path, samples: list[Sample], size: int, data: DataConfig, policy: MaskPolicy) -> dict:
@@ -120,6 +124,7 @@ def write_split(split_dir: Path, samples: list[Sample], size: int, data: DataCon
     np.save(split_dir / VOLUMES_FILE, np.asarray([s.volume or "" for s in samples], dtype=str))
     np.save(split_dir / SLICES_FILE, np.asarray([-1 if s.slice_index is None else s.slice_index for s in samples],
                                                 dtype=np.int32))
+    write_volume_cache(split_dir, samples, policy)
     return _pixel_counts(samples, masks, data.num_classes)
 
 

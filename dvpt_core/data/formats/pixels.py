@@ -227,4 +227,13 @@ def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: int) -> Pair:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST), dtype=np.uint8)
+    return resize_label_map(mask, (size, size))
+
+
+def resize_label_map(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A uint8 label map resized nearest-neighbour to ``shape`` (rows, columns): no new label values.
+
+    Preprocessing shrinks masks with it and evaluation grows predictions back with it, so both
+    directions sample the same pixel centres."""
+    rows, columns = shape
+    return np.asarray(Image.fromarray(mask).resize((columns, rows), Image.Resampling.NEAREST), dtype=np.uint8)
