@@ -13,7 +13,8 @@ import torch
 import dvpt_core.peft
 from dvpt_core.config import ExperimentConfig, ModelConfig
 from dvpt_core.models.backbone import BackboneInfo, create_backbone
-from dvpt_core.models.classifier import AdaptedClassifier, AdapterLayer
+from dvpt_core.models.adapted import AdapterLayer
+from dvpt_core.models.classifier import AdaptedClassifier
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import load_adapter, save_adapter
 from dvpt_core.peft.layers import MergeableLayer

@@ -26,6 +26,7 @@ from torch import nn
 
 from dvpt_core.config import ModelConfig
 from dvpt_core.models.backbone import BackboneInfo
+from dvpt_core.models.segmenter import AdaptedSegmenter
 from dvpt_core.peft.layers import MergeableLayer, MergeableModel, swap_modules
 
 
@@ -54,16 +55,29 @@ class SSF(MergeableLayer):
         return module
 
 
+def add_ssf(backbone: nn.Module) -> None:
+    """Every linear, norm and convolution layer but a timm head gets its scale and shift."""
+    swap_modules(
+        backbone,
+        lambda name, m: SSF(m) if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and not name.startswith("head") else None,
+    )
+
+
 class SSFModel(MergeableModel):
     method = "ssf"
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, num_classes: int) -> None:
         super().__init__(backbone, info, num_classes)
-        swap_modules(
-            backbone,
-            lambda name, m: SSF(m) if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and not name.startswith("head") else None,
-        )
+        add_ssf(backbone)
 
 
 def build(backbone: nn.Module, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> SSFModel:
     return SSFModel(backbone, info, num_classes)
+
+
+def build_segformer(backbone: nn.Module, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> AdaptedSegmenter:
+    """After the segmenter dropped the layers it does not use (the decoder's own classifier and,
+    in the released layout, its fuse layer), so that no SSF pair sits on an unused layer."""
+    model = AdaptedSegmenter(backbone, info, num_classes, cfg.segformer.decoder, method="ssf")
+    add_ssf(backbone)
+    return model
