@@ -43,6 +43,7 @@ OWN: dict[str, Callable[[str], bool]] = {
     "adaptformer": lambda name: ".adapter." in name,
     "lora": lambda name: name.endswith((".lora_a", ".lora_b")),
     "dvpt": lambda name: name.split(".")[0] in {"dvpt_modules", "prompts", "prompt_pos"},
+    "evp": lambda name: name.startswith("evp."),
 }
 CASES = [(arch, method) for arch in ARCHS for method in OWN if (arch, method) != ("swin", "vpt_shallow")]
 
@@ -187,6 +188,8 @@ REPRODUCED = [
     ("swin linear", SWIN_B, "linear", [], 5_125, 5, 0.0051),
     ("swin adaptformer with LN", SWIN_B, "adaptformer", ["model.adaptformer.layer_norm=true"], 1_582_853, 5, 1.5828),
     ("swin dvpt s=3 (paper row s=1)", SWIN_B, "dvpt", [], 219_624, 5, 0.2196),
+    ("vit evp", VIT, "evp", [], 890_757, 5, 0.8907),
+    ("swin evp", SWIN_B, "evp", [], 1_536_293, 5, 1.5362),
 ]
 # Not reproduced; the module docstrings say why (paper figure in the comment).
 DIFFERENT = [
