@@ -1,6 +1,15 @@
-"""Small configurations shared by the tests: a tiny randomly initialised ViT that runs in seconds."""
+"""Small configurations shared by the tests (a tiny randomly initialised ViT and SegFormer that run
+in seconds) and checks more than one test file makes."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
 
 from dvpt_core.config import ExperimentConfig, load_config
 
@@ -39,3 +48,35 @@ TINY_SEGFORMER = [
 
 def tiny_segformer_config(*overrides: str) -> ExperimentConfig:
     return tiny_config(*TINY_SEGFORMER, *overrides)
+
+
+def assert_trains_exactly(model: torch.nn.Module, before: dict[str, torch.Tensor], own: Callable[[str], bool]) -> None:
+    """After training from the parameters ``before``: what trains is the method's ``own`` tensors
+    plus the classifier, every one of them changed, and no frozen tensor did."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if own(n) or n.startswith("classifier.")}
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def offline_hub_snapshot(hub: Path, repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in a Hugging Face cache at ``hub``, with ``main``
+    pointing at it: fill it, and ``run_offline`` reads it as if downloaded."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def run_offline(code: str, hub: Path) -> subprocess.CompletedProcess:
+    """``python -c code`` with HF_HUB_OFFLINE=1 over the cache ``hub``: a fresh process, since
+    huggingface_hub reads that variable at import."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])

@@ -21,7 +21,7 @@ from dvpt_core.peft.layers import MergeableLayer
 from dvpt_core.peft.lora import LoRALinear
 from dvpt_core.peft.ssf import SSF
 from dvpt_core.summary import summarize
-from tests.helpers import tiny_config
+from tests.helpers import assert_trains_exactly, tiny_config
 
 # A Swin-T layout (depths 2, 2, 6, 2) at width 16: builds in a fraction of a second. At 64x64 its
 # stages see 16x16, 8x8, 4x4 and 2x2 tokens, so windows are padded, shifted and clipped.
@@ -83,13 +83,7 @@ def test_training_changes_exactly_the_methods_own_tensors(arch: str, method: str
     model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_steps(model, images_for(cfg))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in before if OWN[method](n) or n.startswith("classifier.")}
-    for name, param in model.named_parameters():
-        if name in trainable:
-            assert not torch.equal(param, before[name]), f"{name} did not change"
-        else:
-            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    assert_trains_exactly(model, before, OWN[method])
 
 
 @pytest.mark.parametrize(("arch", "method"), CASES)

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +26,13 @@ from dvpt_core.peft.adapter import AdapterError, apply_adapter, load_adapter, sa
 from dvpt_core.peft.evp import fft_highpass
 from dvpt_core.steps.export import export_onnx, onnx_parity
 from dvpt_core.summary import summarize
-from tests.helpers import TINY_SEGFORMER, tiny_segformer_config
+from tests.helpers import (
+    TINY_SEGFORMER,
+    assert_trains_exactly,
+    offline_hub_snapshot,
+    run_offline,
+    tiny_segformer_config,
+)
 
 # Which trainable tensors belong to each method (besides the classifier every method trains).
 OWN: dict[str, Callable[[str], bool]] = {
@@ -114,23 +116,17 @@ def test_encoder_only_checkpoint_is_refused(tmp_path) -> None:
 
 
 def test_offline_hugging_face_cache_loads_without_network(tmp_path) -> None:
-    """from_pretrained reads a populated cache with HF_HUB_OFFLINE=1 (a fresh process, since
-    huggingface_hub reads that variable at import)."""
+    """from_pretrained reads a populated cache with HF_HUB_OFFLINE=1, by the hub name."""
     source, _ = create_backbone(tiny_segformer_config("model.init_seed=3").model)
-    repo = tmp_path / "hub" / "models--nvidia--segformer-b0-finetuned-ade-512-512"
-    revision = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    source.save_pretrained(repo / "snapshots" / revision)
+    source.save_pretrained(offline_hub_snapshot(tmp_path / "hub", "nvidia/segformer-b0-finetuned-ade-512-512"))
     code = (
         "from dvpt_core.models.backbone import create_backbone;"
         "from tests.helpers import tiny_segformer_config;"
         "m, info = create_backbone(tiny_segformer_config('model.weights=pretrained').model);"
         "print(info.fingerprint)"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+    out = run_offline(code, tmp_path / "hub")
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == fingerprint(source)
 
 
@@ -278,13 +274,7 @@ def test_training_changes_exactly_the_methods_own_tensors(method: str, decoder: 
     assert isinstance(model, AdaptedSegmenter) and model.method == method
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_steps(model, images(2))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in before if OWN[method](n) or n.startswith("classifier.")}
-    for name, param in model.named_parameters():
-        if name in trainable:
-            assert not torch.equal(param, before[name]), f"{name} did not change"
-        else:
-            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    assert_trains_exactly(model, before, OWN[method])
 
 
 @pytest.mark.parametrize("method", OWN)

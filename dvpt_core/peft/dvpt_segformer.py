@@ -111,7 +111,9 @@ class DVPTProjection(nn.Module):
 class DVPTSegformer(AdaptedSegmenter):
     """A frozen Hugging Face SegFormer adapted with the released SegFormer DVPT."""
 
-    def __init__(self, backbone: SegformerForSemanticSegmentation, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> None:
+    def __init__(
+        self, backbone: SegformerForSemanticSegmentation, info: BackboneInfo, cfg: ModelConfig, num_classes: int
+    ) -> None:
         seg = cfg.segformer
         super().__init__(backbone, info, num_classes, seg.decoder, method="dvpt")
         stages = block_stages(backbone)

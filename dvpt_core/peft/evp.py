@@ -87,7 +87,9 @@ class PatchProjection(nn.Module):
 class EVPPrompts(nn.Module):
     """EVP's prompt generator for stages of ``widths`` and ``depths``."""
 
-    def __init__(self, widths: Sequence[int], depths: Sequence[int], kernels: Sequence[tuple[int, int]], norm: bool, cfg: EVPConfig) -> None:
+    def __init__(
+        self, widths: Sequence[int], depths: Sequence[int], kernels: Sequence[tuple[int, int]], norm: bool, cfg: EVPConfig
+    ) -> None:
         super().__init__()
         reduced = [width // cfg.scale_factor for width in widths]
         if min(reduced) < 1:
@@ -187,7 +189,9 @@ class EVPSwin(AdaptedClassifier):
 
 
 class EVPSegformer(AdaptedSegmenter):
-    def __init__(self, backbone: SegformerForSemanticSegmentation, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> None:
+    def __init__(
+        self, backbone: SegformerForSemanticSegmentation, info: BackboneInfo, cfg: ModelConfig, num_classes: int
+    ) -> None:
         super().__init__(backbone, info, num_classes, cfg.segformer.decoder, method="evp")
         stages = block_stages(backbone)
         convs = [stage.patch_embeddings.proj for stage in backbone.segformer.stages]

@@ -9,8 +9,8 @@ classifier bias) = 86,293,504 exactly. Swin-B has 86,743,224 + 5,125 = 86,748,34
 
 SegFormer-B4, 2 classes: the MiT-B4 encoder (60,842,688) and the decoder's four projections
 (789,504) plus the classifier: 61,638,338 in the released decoder layout, exactly Table 2's
-61.6383M; Hugging Face's layout trains its fuse layer and BatchNorm instead (3072 * 768 + 2 * 768)
-and a 768 -> 2 classifier: 61,635,266.
+61.6383M; Hugging Face's layout also trains its fuse layer and BatchNorm (3072 * 768 + 2 * 768) and
+classifies from 768 channels: 63,994,562.
 """
 
 from __future__ import annotations

@@ -15,6 +15,14 @@ final norm) + 12 * (128 + 256 + 512) (patch mergings: 4C norm and 2C reduction) 
 The paper reports 0.3824M and 0.3790M. Its SSF baseline is not in the released code, and for ViT
 382,4xx - 2,560 = 379,904 = 494 * 768 + 512 implies about 41 scaled 768-vectors per block, nearly
 twice SSF's own placement (22); no placement of whole SSF pairs gives the Swin figure either.
+
+On SegFormer the same rule wraps, per MiT block, its two norms, the query, key, value and output
+maps, the spatial reduction's convolution and norm (stages 1-3), fc1, the depth-wise convolution
+and fc2 (17C, 15C in stage 4), plus the patch embeddings' convolutions and norms, the stage norms
+and the decoder's projections (and, in Hugging Face's layout, its fuse convolution). SegFormer-B4,
+2 classes, released layout: 2 * (17 * 9,856 + 15 * 1,536) + 4 * 1,024 + 2 * 1,024 + 8 * 768 +
+6,146 = 399,618. Table 2's 0.3125M is not the released code's (it has no SSF SegFormer) and fits
+no natural subset of these layers.
 """
 
 from __future__ import annotations

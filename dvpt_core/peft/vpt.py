@@ -43,9 +43,9 @@ from torch.nn import functional as F
 from transformers.models.segformer.modeling_segformer import SegformerAttention
 
 from dvpt_core.config import ModelConfig, VPTConfig
+from dvpt_core.models.adapted import AdapterLayer
 from dvpt_core.models.backbone import BackboneInfo
 from dvpt_core.models.blocks import block_dim, block_stages
-from dvpt_core.models.adapted import AdapterLayer
 from dvpt_core.models.classifier import AdaptedClassifier
 from dvpt_core.models.segmenter import AdaptedSegmenter
 from dvpt_core.peft.linear import LinearProbe
