@@ -31,7 +31,7 @@ block's map: the top row's first m patches.
 
 Trainable parameters, for stages of widths C_i and depths L_i, decoder width E, K classes::
 
-    prompts   m * sum_i L_i C_i + sum_i L_i              (the per-block prompts and their gates)
+    prompts   m * sum_i L_i C_i + sum_i L_i              (per-block prompts and their gates; 0 if m = 0)
     modules   sum_i ceil(L_i / s) * (2 d' C_i + C_i + d' + 1)
     decoder   sum_i (C_i d' + d' + d' E + E + 1)
     head      4 E K + K (released layout) or E K + K (Hugging Face's)
@@ -48,8 +48,9 @@ module by every 2 blocks (``if i % 2 == 0: share_mlp1 = share_MLP(...)``) and it
 our s=2 with the released decoder, 293,449: 0.2934M, 551 to 650 weights (0.2%) below the paper's
 "s=1" figure, a gap the released code does not explain. As on Swin, the paper's s labels do not
 match the released sharing: our s=1 (403,866) is no figure of the paper, and its "s=2" 0.1817M
-fits no reading of the released model (without the prompts and their gates s=2 leaves 179,488;
-no whole m, d', s with or without the decoder bottlenecks gives 181,7xx).
+fits no reading of the released model: without the prompts and their gates s=2 leaves 179,488,
+and the few settings that reach 181,7xx (e.g. m=2 and d'=5 with a decoder bottleneck of 20)
+appear nowhere in the released code.
 """
 
 from __future__ import annotations
