@@ -164,8 +164,45 @@ class SwinDVPTConfig(_Strict):
     prompt_init_std: float = Field(default=0.02, ge=0)
 
 
-# Set by create_backbone itself; everything else in model.backbone_kwargs goes to timm.create_model.
-RESERVED_BACKBONE_KWARGS = frozenset({"img_size", "num_classes", "pretrained", "pretrained_cfg_overlay"})
+class SegFormerConfig(_Strict):
+    """SegFormer backbones (``model.family=segformer``): the decoder layout every method predicts
+    with, and DVPT as the authors' released SegFormer code sets it.
+
+    ``decoder``: "huggingface" keeps the checkpoint's decoder as Hugging Face builds it (the four
+    per-stage projections to E channels, then its pretrained fuse layer, a 1x1 convolution with
+    BatchNorm and ReLU from 4E to E) and trains a new 1x1 classifier from E channels; "released" is
+    the DVPT authors' model (Table 2): no fuse layer, the trained 1x1 classifier reads the 4E
+    concatenated channels directly. DVPT: ``prompts`` per block (0 drops the prompt
+    cross-attention), a bottleneck of ``hidden_dim`` beside each Mix-FFN shared by every
+    ``share_every`` blocks of a stage and beside each decoder projection, ``activation``, prompts
+    from a normal of std ``prompt_init_std`` truncated at +-2 (released: 10, 10, 2, QuickGELU, 0.02).
+    """
+
+    decoder: Literal["huggingface", "released"] = "huggingface"
+    prompts: int = Field(default=10, ge=0)
+    hidden_dim: int = Field(default=10, ge=1)
+    share_every: int = Field(default=2, ge=1)
+    activation: Literal["gelu", "quick_gelu", "relu"] = "quick_gelu"
+    prompt_init_std: float = Field(default=0.02, ge=0)
+
+
+class EVPConfig(_Strict):
+    """EVP (Liu et al., 2023), with the settings of its released SegFormer configurations:
+    explicit prompts of width C / ``scale_factor`` from the frozen patch embedding plus the
+    input's high-frequency components, the central ``frequency_ratio`` of the (shifted) spectrum
+    being removed; the DVPT authors' counts (Tables 1 and 2) are reproduced with 4 everywhere."""
+
+    scale_factor: int = Field(default=4, ge=1)
+    frequency_ratio: float = Field(default=0.25, gt=0, lt=1)
+
+
+# Set by create_backbone itself; everything else in model.backbone_kwargs goes to timm.create_model
+# (or, for SegFormer, to the Hugging Face model configuration).
+RESERVED_BACKBONE_KWARGS = frozenset({"img_size", "num_classes", "pretrained", "pretrained_cfg_overlay", "num_labels"})
+
+# Names that select the SegFormer family when ``model.family`` is "auto" (Hugging Face's
+# ``nvidia/segformer-b4-finetuned-ade-512-512``, ``nvidia/mit-b4``, or a folder so named).
+SEGFORMER_NAME_MARKERS = ("segformer", "mit-b", "mit_b")
 
 
 class ModelConfig(_Strict):
@@ -173,16 +210,25 @@ class ModelConfig(_Strict):
 
     DVPT's settings for ViTs sit at this level (``model.prompts`` = m, ``model.hidden_dim`` = d',
     ``model.share_every`` = s); defaults are the paper's (section 4.3: m=50, d'=20, s=1). On Swin
-    backbones DVPT reads ``model.swin`` instead; ``model.gate_init`` applies to both. The baselines
-    read their own sub-sections (``model.vpt``, ``model.adaptformer``, ``model.lora``); linear
-    probing, full fine-tuning and SSF have no settings.
+    backbones DVPT reads ``model.swin`` instead, on SegFormer ``model.segformer``;
+    ``model.gate_init`` applies to all three. The baselines read their own sub-sections
+    (``model.vpt``, ``model.adaptformer``, ``model.lora``, ``model.evp``); linear probing, full
+    fine-tuning and SSF have no settings.
+
+    ``family`` says which library builds ``backbone``: "timm" (ViT and Swin classifiers) or
+    "segformer" (Hugging Face ``SegformerForSemanticSegmentation``, for segmentation). "auto"
+    picks "segformer" when the name contains "segformer" or "mit-b" (any case), else "timm"; a
+    local ``save_pretrained`` folder named otherwise needs ``model.family=segformer``.
     """
 
     # OpenAI's CLIP ViT-B/16 (the paper's backbone) with its native QuickGELU activation.
     backbone: str = "vit_base_patch16_clip_quickgelu_224.openai"
-    # Extra timm.create_model arguments (e.g. a smaller Swin for tests: embed_dim, depths, num_heads).
+    family: Literal["auto", "timm", "segformer"] = "auto"
+    # Extra timm.create_model arguments (e.g. a smaller Swin for tests: embed_dim, depths, num_heads);
+    # for SegFormer, Hugging Face SegformerConfig fields (e.g. hidden_sizes, depths for a tiny MiT).
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
-    # "pretrained": timm's hub weights, or ``weights_file`` when given (no network needed).
+    # "pretrained": timm's hub weights, or ``weights_file`` when given (no network needed); for
+    # SegFormer, ``backbone`` names a hub model, a local save_pretrained folder or a cached model.
     # "stand-in": the architecture pre-trained here on the synthetic source task by the pretrain
     # step (``dvpt pretrain``), read from ``weights_file``; a stand-in for a foundation model where
     # none can be downloaded, and every output says so.
@@ -193,7 +239,7 @@ class ModelConfig(_Strict):
     # Seed of a random initialisation, so the same "random" backbone can be rebuilt to load an adapter.
     init_seed: int = 0
     image_size: int = Field(default=224, ge=16)
-    method: Literal["dvpt", "linear", "full", "vpt_shallow", "vpt_deep", "ssf", "adaptformer", "lora"] = "dvpt"
+    method: Literal["dvpt", "linear", "full", "vpt_shallow", "vpt_deep", "ssf", "adaptformer", "lora", "evp"] = "dvpt"
     prompts: int = Field(default=50, ge=0)
     hidden_dim: int = Field(default=20, ge=1)
     share_every: int = Field(default=1, ge=1)
@@ -209,9 +255,11 @@ class ModelConfig(_Strict):
     # (CLIP: 768 -> 512). None decides from the backbone: True for CLIP image towers.
     frozen_projection: bool | None = None
     swin: SwinDVPTConfig = Field(default_factory=SwinDVPTConfig)
+    segformer: SegFormerConfig = Field(default_factory=SegFormerConfig)
     vpt: VPTConfig = Field(default_factory=VPTConfig)
     adaptformer: AdaptFormerConfig = Field(default_factory=AdaptFormerConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    evp: EVPConfig = Field(default_factory=EVPConfig)
 
     @model_validator(mode="after")
     def _stand_in_has_a_file(self) -> "ModelConfig":
@@ -225,8 +273,28 @@ class ModelConfig(_Strict):
     def _no_reserved_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
         reserved = sorted(RESERVED_BACKBONE_KWARGS & set(value))
         if reserved:
-            raise ValueError(f"set {reserved} through model.image_size / model.weights, not model.backbone_kwargs")
+            raise ValueError(
+                f"set {reserved} through model.image_size / model.weights / data.class_names, "
+                "not model.backbone_kwargs"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _weights_file_is_for_timm(self) -> "ModelConfig":
+        if self.resolved_family == "segformer" and self.weights_file is not None:
+            raise ValueError(
+                "model.weights_file is a timm checkpoint file; for SegFormer give a save_pretrained "
+                f"folder (or a hub name) as model.backbone instead (got model.backbone={self.backbone!r})"
+            )
+        return self
+
+    @property
+    def resolved_family(self) -> Literal["timm", "segformer"]:
+        """``family``, with "auto" decided from the backbone's name (see the class docstring)."""
+        if self.family != "auto":
+            return self.family
+        name = self.backbone.lower()
+        return "segformer" if any(marker in name for marker in SEGFORMER_NAME_MARKERS) else "timm"
 
 
 class TrainConfig(_Strict):

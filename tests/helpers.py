@@ -1,6 +1,15 @@
-"""Small configurations shared by the tests: a tiny randomly initialised ViT that runs in seconds."""
+"""Small configurations shared by the tests (a tiny randomly initialised ViT and SegFormer that run
+in seconds) and checks more than one test file makes."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
 
 from dvpt_core.config import ExperimentConfig, load_config
 
@@ -23,3 +32,51 @@ TINY = [
 
 def tiny_config(*overrides: str) -> ExperimentConfig:
     return load_config(None, [*TINY, *overrides])
+
+# A tiny randomly initialised SegFormer (MiT-B0's layout at widths 8-32, depths 1, 2, 3, 1) for
+# 2-class segmentation at 64x64: its stages see 16x16, 8x8, 4x4 and 2x2 tokens. Builds in well
+# under a second.
+TINY_SEGFORMER = [
+    "model.backbone=nvidia/segformer-b0-finetuned-ade-512-512",
+    "model.backbone_kwargs={hidden_sizes: [8, 16, 24, 32], depths: [1, 2, 3, 1], "
+    "num_attention_heads: [1, 1, 2, 2], decoder_hidden_size: 16}",
+    "model.image_size=64",
+    "model.segformer.prompts=3",
+    "data.class_names=[background, polyp]",
+]
+
+
+def tiny_segformer_config(*overrides: str) -> ExperimentConfig:
+    return tiny_config(*TINY_SEGFORMER, *overrides)
+
+
+def assert_trains_exactly(model: torch.nn.Module, before: dict[str, torch.Tensor], own: Callable[[str], bool]) -> None:
+    """After training from the parameters ``before``: what trains is the method's ``own`` tensors
+    plus the classifier, every one of them changed, and no frozen tensor did."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if own(n) or n.startswith("classifier.")}
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), f"{name} did not change"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def offline_hub_snapshot(hub: Path, repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in a Hugging Face cache at ``hub``, with ``main``
+    pointing at it: fill it, and ``run_offline`` reads it as if downloaded."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def run_offline(code: str, hub: Path) -> subprocess.CompletedProcess:
+    """``python -c code`` with HF_HUB_OFFLINE=1 over the cache ``hub``: a fresh process, since
+    huggingface_hub reads that variable at import."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ from dvpt_core.peft import build_model, count_parameters
 from dvpt_core.peft.adapter import AdapterError, apply_adapter, load_adapter, save_adapter
 from dvpt_core.peft.dvpt import DVPTModule
 from dvpt_core.summary import summarize
-from tests.helpers import tiny_config
+from tests.helpers import offline_hub_snapshot, run_offline, tiny_config
 
 
 def test_zero_gate_and_no_prompts_reproduce_the_frozen_backbone() -> None:
@@ -128,17 +124,11 @@ def test_local_weights_file_loads_those_weights(tmp_path) -> None:
 
 
 def test_offline_hugging_face_cache_loads_without_network(tmp_path) -> None:
-    """timm's hub loading reads a populated cache with HF_HUB_OFFLINE=1 (a fresh process, since
-    huggingface_hub reads that variable at import)."""
+    """timm's hub loading reads a populated cache with HF_HUB_OFFLINE=1."""
     from safetensors.torch import save_file
 
     source, _ = create_backbone(tiny_config("model.init_seed=3", "model.image_size=224").model)
-    repo = tmp_path / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    revision = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True)
+    snapshot = offline_hub_snapshot(tmp_path / "hub", "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k")
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(snapshot / "model.safetensors"))
     code = (
         "from dvpt_core.models.backbone import create_backbone, fingerprint;"
@@ -146,9 +136,8 @@ def test_offline_hugging_face_cache_loads_without_network(tmp_path) -> None:
         "m, info = create_backbone(tiny_config('model.weights=pretrained', 'model.image_size=224').model);"
         "print(info.fingerprint)"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+    out = run_offline(code, tmp_path / "hub")
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == fingerprint(source)
 
 
@@ -158,9 +147,7 @@ def test_missing_pretrained_weights_name_the_fix(tmp_path) -> None:
         "from tests.helpers import tiny_config;"
         "create_backbone(tiny_config('model.weights=pretrained').model)"
     )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=Path(__file__).parents[1])
+    out = run_offline(code, tmp_path / "empty")
     assert out.returncode != 0
     assert "model.weights_file=PATH" in out.stderr and "vit_tiny_patch16_224" in out.stderr
 

@@ -13,14 +13,15 @@ import torch
 import dvpt_core.peft
 from dvpt_core.config import ExperimentConfig, ModelConfig
 from dvpt_core.models.backbone import BackboneInfo, create_backbone
-from dvpt_core.models.classifier import AdaptedClassifier, AdapterLayer
+from dvpt_core.models.adapted import AdapterLayer
+from dvpt_core.models.classifier import AdaptedClassifier
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import load_adapter, save_adapter
 from dvpt_core.peft.layers import MergeableLayer
 from dvpt_core.peft.lora import LoRALinear
 from dvpt_core.peft.ssf import SSF
 from dvpt_core.summary import summarize
-from tests.helpers import tiny_config
+from tests.helpers import assert_trains_exactly, tiny_config
 
 # A Swin-T layout (depths 2, 2, 6, 2) at width 16: builds in a fraction of a second. At 64x64 its
 # stages see 16x16, 8x8, 4x4 and 2x2 tokens, so windows are padded, shifted and clipped.
@@ -42,6 +43,7 @@ OWN: dict[str, Callable[[str], bool]] = {
     "adaptformer": lambda name: ".adapter." in name,
     "lora": lambda name: name.endswith((".lora_a", ".lora_b")),
     "dvpt": lambda name: name.split(".")[0] in {"dvpt_modules", "prompts", "prompt_pos"},
+    "evp": lambda name: name.startswith("evp."),
 }
 CASES = [(arch, method) for arch in ARCHS for method in OWN if (arch, method) != ("swin", "vpt_shallow")]
 
@@ -81,13 +83,7 @@ def test_training_changes_exactly_the_methods_own_tensors(arch: str, method: str
     model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_steps(model, images_for(cfg))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in before if OWN[method](n) or n.startswith("classifier.")}
-    for name, param in model.named_parameters():
-        if name in trainable:
-            assert not torch.equal(param, before[name]), f"{name} did not change"
-        else:
-            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    assert_trains_exactly(model, before, OWN[method])
 
 
 @pytest.mark.parametrize(("arch", "method"), CASES)
@@ -186,6 +182,8 @@ REPRODUCED = [
     ("swin linear", SWIN_B, "linear", [], 5_125, 5, 0.0051),
     ("swin adaptformer with LN", SWIN_B, "adaptformer", ["model.adaptformer.layer_norm=true"], 1_582_853, 5, 1.5828),
     ("swin dvpt s=3 (paper row s=1)", SWIN_B, "dvpt", [], 219_624, 5, 0.2196),
+    ("vit evp", VIT, "evp", [], 890_757, 5, 0.8907),
+    ("swin evp", SWIN_B, "evp", [], 1_536_293, 5, 1.5362),
 ]
 # Not reproduced; the module docstrings say why (paper figure in the comment).
 DIFFERENT = [

@@ -1,7 +1,9 @@
-"""Frozen backbones from timm: weights, input size, normalisation and a fingerprint.
+"""Frozen backbones: weights, input size, normalisation and a fingerprint.
 
-An adapter is only meaningful over the exact frozen weights it was trained on, so every backbone
-carries a fingerprint of its weights that adapters record and check on load.
+timm builds the classification backbones (ViT, Swin); Hugging Face ``transformers`` builds
+SegFormer (``dvpt_core.models.segformer``); ``model.family`` picks the library. An adapter is only
+meaningful over the exact frozen weights it was trained on, so every backbone carries a
+fingerprint of its weights that adapters record and check on load, whatever built it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import timm
@@ -17,7 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from dvpt_core.config import ModelConfig
+from dvpt_core.config import ConfigError, ModelConfig
+from dvpt_core.models import segformer
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +67,20 @@ def wants_frozen_projection(cfg: ModelConfig) -> bool:
 
 
 def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
-    """Build the frozen timm backbone the config names, with its weights, at ``cfg.image_size``.
-
-    timm resamples the absolute position embedding when pretrained weights meet another input
-    size (e.g. 288 for DDR), so any size divisible by the patch size works.
-    """
-    projection = wants_frozen_projection(cfg)
-    kwargs: dict = {**cfg.backbone_kwargs, "img_size": cfg.image_size}
-    if not projection:
-        kwargs["num_classes"] = 0
+    """Build the frozen backbone the config names, with its weights, at ``cfg.image_size``."""
+    if cfg.weights == "random":
+        log.warning(RANDOM_WEIGHTS_WARNING.format(name=cfg.backbone, seed=cfg.init_seed))
     if cfg.weights != "random" and cfg.weights_file is not None:
         _check_weights_file(cfg)
     try:
-        if cfg.weights == "random":
-            log.warning(RANDOM_WEIGHTS_WARNING.format(name=cfg.backbone, seed=cfg.init_seed))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.init_seed)
-                model = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
-        elif cfg.weights_file is not None:
-            model = timm.create_model(
-                cfg.backbone,
-                pretrained=True,
-                pretrained_cfg_overlay={"file": str(cfg.weights_file)},
-                **kwargs,
-            )
-        else:
-            model = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            if cfg.resolved_family == "segformer":
+                model, mean, std, projection = _segformer(cfg)
+            else:
+                model, mean, std, projection = _timm(cfg)
+    except ConfigError:
+        raise
     except (RuntimeError, OSError, ValueError) as err:
         raise BackboneError(_load_failure(cfg, err)) from err
     if projection and not isinstance(getattr(model, "head", None), nn.Linear):
@@ -99,7 +89,6 @@ def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
         )
     model.eval()
     model.requires_grad_(False)
-    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
     stand_in = cfg.weights != "random" and is_stand_in(cfg.weights_file)
     if stand_in:
         log.warning(STAND_IN_WARNING.format(name=cfg.backbone, file=cfg.weights_file))
@@ -107,8 +96,8 @@ def create_backbone(cfg: ModelConfig) -> tuple[nn.Module, BackboneInfo]:
         name=cfg.backbone,
         random_weights=cfg.weights == "random",
         image_size=cfg.image_size,
-        mean=tuple(float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))),
+        mean=mean,
+        std=std,
         fingerprint=fingerprint(model),
         frozen_projection=projection,
         stand_in=stand_in,
@@ -142,11 +131,53 @@ def _check_weights_file(cfg: ModelConfig) -> None:
                             "(no stand-in marker in its metadata); use model.weights=pretrained for real weights")
 
 
+Normalisation = tuple[float, float, float]
+
+
+def _timm(cfg: ModelConfig) -> tuple[nn.Module, Normalisation, Normalisation, bool]:
+    """timm resamples the absolute position embedding when pretrained weights meet another input
+    size (e.g. 288 for DDR), so any size divisible by the patch size works."""
+    projection = wants_frozen_projection(cfg)
+    kwargs: dict = {**cfg.backbone_kwargs, "img_size": cfg.image_size}
+    if not projection:
+        kwargs["num_classes"] = 0
+    if cfg.weights == "random":
+        model = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+    elif cfg.weights_file is not None:
+        model = timm.create_model(
+            cfg.backbone,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(cfg.weights_file)},
+            **kwargs,
+        )
+    else:
+        model = timm.create_model(cfg.backbone, pretrained=True, **kwargs)
+    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = tuple(float(v) for v in pretrained_cfg.get("mean", segformer.IMAGENET_MEAN))
+    std = tuple(float(v) for v in pretrained_cfg.get("std", segformer.IMAGENET_STD))
+    return model, mean, std, projection
+
+
+def _segformer(cfg: ModelConfig) -> tuple[nn.Module, Normalisation, Normalisation, bool]:
+    """SegFormer sees any input size (overlapping convolutions, no position embedding); it has no
+    contrastive projection to keep."""
+    model = segformer.random_segformer(cfg) if cfg.weights == "random" else segformer.pretrained_segformer(cfg)
+    mean, std = segformer.normalisation(cfg)
+    return model, mean, std, False
+
+
 def _load_failure(cfg: ModelConfig, err: Exception) -> str:
+    if cfg.weights == "random":
+        return f"could not build backbone {cfg.backbone!r} with model.backbone_kwargs={cfg.backbone_kwargs}: {err}"
     where = f"the local file {cfg.weights_file}" if cfg.weights_file else "the Hugging Face hub or its offline cache"
+    local = (
+        "Give a local save_pretrained folder as model.backbone=PATH"
+        if cfg.resolved_family == "segformer"
+        else "Give a local checkpoint with model.weights_file=PATH"
+    )
     return (
         f"could not load pretrained weights for backbone {cfg.backbone!r} from {where}: {err}. "
-        "Give a local checkpoint with model.weights_file=PATH, populate the Hugging Face cache "
+        f"{local}, populate the Hugging Face cache "
         "(HF_HUB_OFFLINE=1 then reads it without network), or set model.weights=random for a smoke run."
     )
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import dvpt_core
 from dvpt_core.config import ExperimentConfig
-from dvpt_core.models.classifier import AdaptedClassifier
+from dvpt_core.models.adapted import AdaptedModel
 from dvpt_core.peft import build_model
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -29,7 +29,7 @@ class AdapterError(ValueError):
     """An adapter that is malformed or does not fit the backbone it is loaded onto."""
 
 
-def save_adapter(model: AdaptedClassifier, cfg: ExperimentConfig, out_dir: Path) -> Path:
+def save_adapter(model: AdaptedModel, cfg: ExperimentConfig, out_dir: Path) -> Path:
     """Write ``adapter.safetensors`` and ``adapter.json`` into ``out_dir`` atomically."""
     out_dir = Path(out_dir)
     tensors = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}
@@ -93,7 +93,7 @@ def backbone_location(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"weights_file": cfg.model.weights_file} if cfg.model.weights_file is not None else {}
 
 
-def apply_adapter(model: AdaptedClassifier, adapter_dir: Path) -> AdaptedClassifier:
+def apply_adapter(model: AdaptedModel, adapter_dir: Path) -> AdaptedModel:
     """Load the adapter's tensors into ``model`` after checking it was trained on this backbone."""
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_config(adapter_dir)
@@ -122,7 +122,7 @@ def apply_adapter(model: AdaptedClassifier, adapter_dir: Path) -> AdaptedClassif
     return model
 
 
-def load_adapter(adapter_dir: Path, overrides: dict[str, Any] | None = None) -> AdaptedClassifier:
+def load_adapter(adapter_dir: Path, overrides: dict[str, Any] | None = None) -> AdaptedModel:
     """Rebuild backbone and method from the adapter's config, then load and verify its tensors."""
     model = build_model(adapter_experiment(adapter_dir, overrides))
     return apply_adapter(model, adapter_dir).eval()

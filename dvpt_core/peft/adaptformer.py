@@ -13,19 +13,22 @@ CLIP ViT-B/16: 12 * 99,136 + 2,565 = 1,192,197; Swin-B: 129 * 12,032 + 24 * 64 +
 1,558,789. The paper's 1.2106M and 1.5828M are the DVPT authors' baseline, which puts a trainable
 LayerNorm before the branch (AdaptFormer's "in" option): with ``model.adaptformer.layer_norm=true``
 the counts are 1,210,629 and 1,582,853, the paper's figures plus our classifier's 5 biases.
+
+On SegFormer the branch sits beside each block's Mix-FFN. SegFormer-B4 (41 blocks, widths summing
+to 11,392), 2 classes, released decoder layout: 129 * 11,392 + 41 * 64 + 6,146 = 1,478,338;
+with the LayerNorm 1,501,122, Table 2's 1.5011M exactly.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from dvpt_core.config import AdaptFormerConfig, ModelConfig
 from dvpt_core.models.backbone import BackboneInfo
-from dvpt_core.models.blocks import attention_residual, block_dim, block_stages, ffn
-from dvpt_core.models.classifier import AdapterLayer
+from dvpt_core.models.blocks import AnyBlock, attention_residual, block_dim, block_stages, ffn
+from dvpt_core.models.segmenter import AdaptedSegmenter
+from dvpt_core.models.adapted import AdapterLayer
 from dvpt_core.peft.linear import LinearProbe
 
 
@@ -48,16 +51,23 @@ class AdaptMLP(AdapterLayer):
 
 
 class AdaptFormerBlock(nn.Module):
-    """A frozen ViT or Swin block with an AdaptMLP beside its FFN, both fed the attention residual."""
+    """A frozen ViT, Swin or SegFormer block with an AdaptMLP beside its FFN, both fed the
+    attention residual (SegFormer's blocks also take the map's height and width)."""
 
-    def __init__(self, block: Block | SwinTransformerBlock, branch: AdaptMLP) -> None:
+    def __init__(self, block: AnyBlock, branch: AdaptMLP) -> None:
         super().__init__()
         self.block = block
         self.adapter = branch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = attention_residual(self.block, x)
-        return x + ffn(self.block, x) + self.adapter(x)
+    def forward(self, x: torch.Tensor, *spatial: int) -> torch.Tensor:
+        x = attention_residual(self.block, x, *spatial)
+        return x + ffn(self.block, x, *spatial) + self.adapter(x)
+
+
+def add_adaptformer(backbone: nn.Module, cfg: AdaptFormerConfig) -> None:
+    for stage in block_stages(backbone):
+        for i, block in enumerate(stage):
+            stage[i] = AdaptFormerBlock(block, AdaptMLP(block_dim(block), cfg))
 
 
 class AdaptFormer(LinearProbe):
@@ -65,10 +75,14 @@ class AdaptFormer(LinearProbe):
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, cfg: AdaptFormerConfig, num_classes: int) -> None:
         super().__init__(backbone, info, num_classes)
-        for stage in block_stages(backbone):
-            for i, block in enumerate(stage):
-                stage[i] = AdaptFormerBlock(block, AdaptMLP(block_dim(block), cfg))
+        add_adaptformer(backbone, cfg)
 
 
 def build(backbone: nn.Module, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> AdaptFormer:
     return AdaptFormer(backbone, info, cfg.adaptformer, num_classes)
+
+
+def build_segformer(backbone: nn.Module, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> AdaptedSegmenter:
+    model = AdaptedSegmenter(backbone, info, num_classes, cfg.segformer.decoder, method="adaptformer")
+    add_adaptformer(backbone, cfg.adaptformer)
+    return model

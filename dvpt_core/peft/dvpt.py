@@ -44,13 +44,17 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickG
 
 
 class DVPTModule(nn.Module):
-    """The gated bottleneck with prompt cross-attention (eqs. 8-12), shared by ``s`` blocks."""
+    """The gated bottleneck with prompt cross-attention (eqs. 8-12), shared by ``s`` blocks.
+    ``out_dim`` (default ``dim``) lets the bottleneck change width, as beside SegFormer's decoder
+    projections."""
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str, gate_init: float, cavpt: bool) -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int, activation: str, gate_init: float, cavpt: bool, out_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.down = nn.Linear(dim, hidden_dim)
         self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(hidden_dim, dim)
+        self.up = nn.Linear(hidden_dim, out_dim or dim)
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
         self.cavpt = cavpt
         self.scale = 1.0 / math.sqrt(hidden_dim)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from dvpt_core.models.classifier import AdapterLayer
+from dvpt_core.models.adapted import AdapterLayer
 from dvpt_core.peft.linear import LinearProbe
 
 

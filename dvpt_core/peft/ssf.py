@@ -15,6 +15,14 @@ final norm) + 12 * (128 + 256 + 512) (patch mergings: 4C norm and 2C reduction) 
 The paper reports 0.3824M and 0.3790M. Its SSF baseline is not in the released code, and for ViT
 382,4xx - 2,560 = 379,904 = 494 * 768 + 512 implies about 41 scaled 768-vectors per block, nearly
 twice SSF's own placement (22); no placement of whole SSF pairs gives the Swin figure either.
+
+On SegFormer the same rule wraps, per MiT block, its two norms, the query, key, value and output
+maps, the spatial reduction's convolution and norm (stages 1-3), fc1, the depth-wise convolution
+and fc2 (17C, 15C in stage 4), plus the patch embeddings' convolutions and norms, the stage norms
+and the decoder's projections (and, in Hugging Face's layout, its fuse convolution). SegFormer-B4,
+2 classes, released layout: 2 * (17 * 9,856 + 15 * 1,536) + 4 * 1,024 + 2 * 1,024 + 8 * 768 +
+6,146 = 399,618. Table 2's 0.3125M is not the released code's (it has no SSF SegFormer) and fits
+no natural subset of these layers.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from torch import nn
 
 from dvpt_core.config import ModelConfig
 from dvpt_core.models.backbone import BackboneInfo
+from dvpt_core.models.segmenter import AdaptedSegmenter
 from dvpt_core.peft.layers import MergeableLayer, MergeableModel, swap_modules
 
 
@@ -54,16 +63,29 @@ class SSF(MergeableLayer):
         return module
 
 
+def add_ssf(backbone: nn.Module) -> None:
+    """Every linear, norm and convolution layer but a timm head gets its scale and shift."""
+    swap_modules(
+        backbone,
+        lambda name, m: SSF(m) if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and not name.startswith("head") else None,
+    )
+
+
 class SSFModel(MergeableModel):
     method = "ssf"
 
     def __init__(self, backbone: nn.Module, info: BackboneInfo, num_classes: int) -> None:
         super().__init__(backbone, info, num_classes)
-        swap_modules(
-            backbone,
-            lambda name, m: SSF(m) if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and not name.startswith("head") else None,
-        )
+        add_ssf(backbone)
 
 
 def build(backbone: nn.Module, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> SSFModel:
     return SSFModel(backbone, info, num_classes)
+
+
+def build_segformer(backbone: nn.Module, info: BackboneInfo, cfg: ModelConfig, num_classes: int) -> AdaptedSegmenter:
+    """After the segmenter dropped the layers it does not use (the decoder's own classifier and,
+    in the released layout, its fuse layer), so that no SSF pair sits on an unused layer."""
+    model = AdaptedSegmenter(backbone, info, num_classes, cfg.segformer.decoder, method="ssf")
+    add_ssf(backbone)
+    return model
