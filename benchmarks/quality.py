@@ -213,6 +213,7 @@ def pretrain(scale: Scale, tracking_uri: str) -> Path:
     from dvpt_core.steps.evaluate import evaluate
     from dvpt_core.steps.preprocess import preprocess
     from dvpt_core.steps.train import train
+    from dvpt_core.steps.validate import validate
 
     settings = [*BACKBONE, *PRETRAIN, f"train.epochs={scale.pretrain_epochs}", "data.format=folder",
                 "data.class_names=" + json.dumps(source_task.CLASS_NAMES)]
@@ -229,7 +230,8 @@ def pretrain(scale: Scale, tracking_uri: str) -> Path:
     with tempfile.TemporaryDirectory(prefix="dvpt-source-") as scratch:
         tmp = Path(scratch)
         source_task.generate_source(tmp / "data", scale.source, cfg.model.image_size, seed=0)
-        preprocess(cfg, tmp / "data", tmp / "cache")
+        validate(cfg, tmp / "data", tmp / "validation")
+        preprocess(cfg, tmp / "data", tmp / "cache", tmp / "validation")
         train(cfg, tmp / "cache", tmp / "train")
         accuracy = evaluate(cfg, tmp / "cache", tmp / "train", tmp / "evaluation")["accuracy"]
         tensors = load_file(str(tmp / "train" / "adapter" / WEIGHTS_FILE))
@@ -253,16 +255,20 @@ def _target_data(root: Path, scale: Scale) -> Path:
 
 def _preprocess(base: ExperimentConfig, grid: list[dict], data: Path, root: Path, min_steps: int) -> dict[tuple, Path]:
     """One cache per (seed, label ratio), shared by the methods; each cell's epochs are raised
-    (in its overrides) until it takes ``min_steps`` optimiser steps on its labelled subset."""
+    (in its overrides) until it takes ``min_steps`` optimiser steps on its labelled subset. The
+    data are validated once, as the comparison pipeline does."""
     from dvpt_core.steps.preprocess import preprocess
+    from dvpt_core.steps.validate import validate
 
+    validation = root / "validation"
+    validate(base, data, validation)
     caches: dict[tuple, Path] = {}
     labelled: dict[tuple, int] = {}
     for cell in grid:
         key = (cell["seed"], cell["label_ratio"])
         if key not in caches:
             caches[key] = root / f"seed{key[0]}-ratio{key[1]:g}"
-            labelled[key] = preprocess(cell_config(base, cell), data, caches[key])["counts"]["train"]["total"]
+            labelled[key] = preprocess(cell_config(base, cell), data, caches[key], validation)["counts"]["train"]["total"]
             log.info("seed %d, ratio %g: %d labelled training images", *key, labelled[key])
         steps_per_epoch = math.ceil(labelled[key] / base.train.batch_size)
         cell["overrides"].append(f"train.epochs={max(base.train.epochs, math.ceil(min_steps / steps_per_epoch))}")

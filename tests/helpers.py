@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dvpt_core.config import ExperimentConfig, load_config
 
 TINY = [
@@ -23,3 +25,11 @@ TINY = [
 
 def tiny_config(*overrides: str) -> ExperimentConfig:
     return load_config(None, [*TINY, *overrides])
+
+
+def validated(cfg: ExperimentConfig, root: Path, out: Path) -> Path:
+    """The validate step's report on ``root`` in ``out``: what the preprocess step reads from."""
+    from dvpt_core.steps.validate import validate
+
+    validate(cfg, root, out)
+    return Path(out)

@@ -19,7 +19,7 @@ STEP_DIRS = ("validation", "cache", "train", "evaluation", "export", "registry")
 def run_all(cfg: ExperimentConfig, data_root: Path, out_root: Path) -> dict:
     out = {name: Path(out_root) / name for name in STEP_DIRS}
     validate(cfg, data_root, out["validation"])
-    preprocess(cfg, data_root, out["cache"])
+    preprocess(cfg, data_root, out["cache"], out["validation"])
     trained = train(cfg, out["cache"], out["train"], data_root=data_root)
     metrics = evaluate(cfg, out["cache"], out["train"], out["evaluation"])
     exported = export(cfg, out["cache"], out["train"], out["export"])
