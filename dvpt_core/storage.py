@@ -76,7 +76,7 @@ def disk_full_as_error(path: Path, needed: int, what: str) -> Iterator[None]:
 
 def open_reserved_memmap(path: Path, dtype: np.dtype | type, shape: tuple[int, ...]) -> np.memmap:
     """A new ``.npy`` file mapped for writing whose blocks are all allocated before any page is
-    touched, so running out of space is an exception here and never a SIGBUS later."""
+    touched, so running out of space is an exception here (the file removed) and never a SIGBUS later."""
     array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     size = Path(path).stat().st_size
     try:
@@ -87,6 +87,7 @@ def open_reserved_memmap(path: Path, dtype: np.dtype | type, shape: tuple[int, .
             log.debug("cannot reserve blocks for %s (%s); writing without the reservation", path, err)
             return array
         del array
+        Path(path).unlink(missing_ok=True)
         if err.errno in NO_SPACE:
             raise StorageError(err.errno, f"not enough space for {path}: it needs {human_bytes(size)}, "
                                           f"{human_bytes(free_bytes(path))} free") from None

@@ -43,8 +43,10 @@ from dvpt_core.steps.validate import MANIFEST_FILE, RESULT_FILE, gate_settings
 from dvpt_core.storage import disk_full_as_error, open_reserved_memmap, require_free_space
 
 log = logging.getLogger(__name__)
-# Room for splits.csv, meta.json and the .npy headers beyond the arrays themselves.
-SPACE_MARGIN = 16 << 20
+# Beyond the arrays: a row of splits.csv per sample (paths and a sha256: well under this), and
+# meta.json and the .npy headers once.
+SPLITS_ROW_BYTES = 512
+SPACE_MARGIN = 1 << 20
 
 
 class NotValidatedError(ValueError):
@@ -134,10 +136,10 @@ def _check_unchanged(paths: list[Path], recorded: list[str], root: Path, rerun: 
 
 
 def cache_bytes(plan: SplitPlan, size: int, task: str) -> int:
-    """What the cache's arrays take on disk: images (and masks) at ``size`` plus the per-sample arrays."""
+    """What the cache takes on disk: images (and masks) at ``size``, the per-sample arrays, splits.csv."""
     count = sum(len(plan.split(split)) for split in SPLITS)
     per_sample = size * size * (3 + (task == "segmentation")) + 8
-    return count * per_sample
+    return count * per_sample + len(plan.samples) * SPLITS_ROW_BYTES
 
 
 def _check_replaceable(out_dir: Path) -> None:
