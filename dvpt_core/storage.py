@@ -23,8 +23,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Out of space: the disk (ENOSPC), a quota (EDQUOT) or the process's file size limit (EFBIG).
-NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Out of space: the disk, a quota or the process's file size limit, as a person would say it.
+NO_SPACE_REASON = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file would exceed the process's file size limit (ulimit -f)",
+}
+NO_SPACE = frozenset(NO_SPACE_REASON)
 # File systems where blocks cannot be reserved; writing still works, only without the guard.
 NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
@@ -69,9 +74,8 @@ def disk_full_as_error(path: Path, needed: int, what: str) -> Iterator[None]:
     except OSError as err:
         if err.errno not in NO_SPACE:
             raise
-        raise StorageError(err.errno, f"ran out of space writing {what} in {path} ({os.strerror(err.errno)} "
-                                      f"at {err.filename or path}): it needs {human_bytes(needed)}, "
-                                      f"{human_bytes(free_bytes(path))} free now") from None
+        raise StorageError(err.errno, f"cannot write {what} in {path}: {NO_SPACE_REASON[err.errno]}; it needs "
+                                      f"{human_bytes(needed)}, {human_bytes(free_bytes(path))} free now") from None
 
 
 def open_reserved_memmap(path: Path, dtype: np.dtype | type, shape: tuple[int, ...]) -> np.memmap:
