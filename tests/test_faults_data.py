@@ -554,12 +554,13 @@ def test_the_compiled_pipeline_holds_no_credentials(tmp_path: Path) -> None:
 # --- 9. one line, exit 2, traceback with --debug ---------------------------------------------------
 
 
-@pytest.mark.parametrize("debug", [[], ["--debug"]])
+@pytest.mark.parametrize("debug", [None, "before the step", "after the step"])
 def test_a_user_error_is_one_line_and_a_traceback_only_with_debug(prepared: Path, tmp_path: Path, capsys,
-                                                                 debug: list[str]) -> None:
+                                                                 debug: str | None) -> None:
     missing = tmp_path / "validation"
-    code, out, err = run_cli(capsys, "preprocess", *sets(), "--data", prepared / "data", "--validation", missing,
-                             "--out", tmp_path / "cache", *debug)
+    code, out, err = run_cli(capsys, *(["--debug"] if debug == "before the step" else []), "preprocess", *sets(),
+                             "--data", prepared / "data", "--validation", missing, "--out", tmp_path / "cache",
+                             *(["--debug"] if debug == "after the step" else []))
     assert code == 2 and out == ""
     last = err.rstrip("\n").splitlines()[-1]
     assert last == (f"dvpt preprocess: error: {missing / 'validation.json'} does not exist: preprocess reads only "

@@ -463,8 +463,8 @@ def dataset_checks(gxe: Any, frame: pd.DataFrame, data: DataConfig, rules: Valid
         if data.task == "segmentation":
             reason = "every mask is background only: nothing to segment"
         else:
-            (label,) = set(frame["label"].dropna()) & set(range(data.num_classes)) or {None}
-            reason = (f"every sample is of class {label} ({data.class_names[label]})" if label is not None
+            labels = sorted(set(frame["label"].dropna()) & set(range(data.num_classes)))
+            reason = (f"every sample is of class {labels[0]} ({data.class_names[labels[0]]})" if labels
                       else "no sample has a usable label") + ": nothing to tell apart"
         return [{"file": "(dataset)", "reason": f"{reason} (validation.single_class)", "column": CLASSES_COLUMN}]
 
