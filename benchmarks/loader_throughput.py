@@ -88,9 +88,11 @@ def _synthetic_cache(cfg: ExperimentConfig, scratch: Path) -> Path:
     """The default dataset, generated and preprocessed exactly as ``make run`` does."""
     from dvpt_core.data.synthetic.ddr import generate_ddr
     from dvpt_core.steps.preprocess import preprocess
+    from dvpt_core.steps.validate import validate
 
     generate_ddr(scratch / "data", cfg.synthetic, cfg.data.class_names)
-    preprocess(cfg, scratch / "data", scratch / "cache")
+    validate(cfg, scratch / "data", scratch / "validation")
+    preprocess(cfg, scratch / "data", scratch / "cache", scratch / "validation")
     return scratch / "cache"
 
 

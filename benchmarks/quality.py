@@ -218,16 +218,20 @@ def _target_data(root: Path, scale: Scale) -> Path:
 
 def _preprocess(base: ExperimentConfig, grid: list[dict], data: Path, root: Path, min_steps: int) -> dict[tuple, Path]:
     """One cache per (seed, label ratio), shared by the methods; each cell's epochs are raised
-    (in its overrides) until it takes ``min_steps`` optimiser steps on its labelled subset."""
+    (in its overrides) until it takes ``min_steps`` optimiser steps on its labelled subset. The
+    data are validated once, as the comparison pipeline does."""
     from dvpt_core.steps.preprocess import preprocess
+    from dvpt_core.steps.validate import validate
 
+    validation = root / "validation"
+    validate(base, data, validation)
     caches: dict[tuple, Path] = {}
     labelled: dict[tuple, int] = {}
     for cell in grid:
         key = (cell["seed"], cell["label_ratio"])
         if key not in caches:
             caches[key] = root / f"seed{key[0]}-ratio{key[1]:g}"
-            labelled[key] = preprocess(cell_config(base, cell), data, caches[key])["counts"]["train"]["total"]
+            labelled[key] = preprocess(cell_config(base, cell), data, caches[key], validation)["counts"]["train"]["total"]
             log.info("seed %d, ratio %g: %d labelled training images", *key, labelled[key])
         steps_per_epoch = math.ceil(labelled[key] / base.train.batch_size)
         cell["overrides"].append(f"train.epochs={max(base.train.epochs, math.ceil(min_steps / steps_per_epoch))}")

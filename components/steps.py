@@ -49,14 +49,16 @@ def validate(config_json: str, data_dir: str, validation: Output[Artifact], data
     _log_scalars(metrics, {"images": summary["images"], "counts": summary["counts"]})
 
 
-def preprocess(config_json: str, data_dir: str, cache: Output[Dataset], metrics: Output[Metrics]):
-    """Resized splits as memory-mapped arrays: the input every later step reads."""
+def preprocess(config_json: str, data_dir: str, validation: Input[Artifact], cache: Output[Dataset],
+               metrics: Output[Metrics]):
+    """Resized splits as memory-mapped arrays: the input every later step reads. Only the samples
+    the validate task's manifest (``validation``) lists, as they were validated, are read."""
     from pathlib import Path
 
     from dvpt_core.config import ExperimentConfig
     from dvpt_core.steps.preprocess import preprocess as step
 
-    meta = step(ExperimentConfig.from_json(config_json), Path(data_dir), Path(cache.path))
+    meta = step(ExperimentConfig.from_json(config_json), Path(data_dir), Path(cache.path), Path(validation.path))
     cache.metadata["inputs_sha256"] = meta["inputs_sha256"]
     _log_scalars(metrics, meta)
 

@@ -2,6 +2,11 @@
 
 Every step subcommand parses the one configuration schema (``--params``, ``--preset``, ``--set``)
 and calls the same plain function the Kubeflow components call.
+
+A failure a user can cause (a bad setting, file or dataset, a full disk, an unreachable tracking
+server) ends in one line on stderr, ``dvpt STEP: error: ...`` naming the file, field or value at
+fault, and exit status 2; ``--debug`` adds the traceback. Anything else is a bug and keeps its
+traceback. Credentials inside URIs are masked in everything printed or logged.
 """
 
 from __future__ import annotations
@@ -10,12 +15,22 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from dvpt_core.config import ConfigError, ExperimentConfig, load_config
+from dvpt_core.config import ExperimentConfig, load_config
+from dvpt_core.secrets import mask_logging, mask_text
+from dvpt_core.signals import Terminated
 
 log = logging.getLogger("dvpt")
+# What a user can cause: settings, files and data (ValueError: ConfigError, AdapterError,
+# DatasetFormatError, DataValidationError...), the file system (OSError: missing files, a full
+# disk), the runtime (RuntimeError: no CUDA device, ONNX parity). MLflow's errors are added where
+# mlflow was imported (see ``_user_error``).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +38,14 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="a named preset under dvpt_core/presets (e.g. ddr-paper)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set model.prompts=10 (repeatable)")
+    _debug_arg(parser, default=argparse.SUPPRESS)
+
+
+def _debug_arg(parser: argparse.ArgumentParser, default: object) -> None:
+    """``--debug`` before or after the subcommand (SUPPRESS: a subcommand's absent flag keeps the
+    top level's value)."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the traceback of an error (errors are one line without it)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -31,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _print(result: dict) -> None:
-    print(json.dumps(result, indent=2, default=str))
+    print(mask_text(json.dumps(result, indent=2, default=str)))
 
 
 def cmd_generate_data(args: argparse.Namespace) -> dict:
@@ -57,7 +80,7 @@ def cmd_validate(args: argparse.Namespace) -> dict:
 def cmd_preprocess(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.preprocess import preprocess
 
-    return preprocess(config_from_args(args), args.data, args.out)
+    return preprocess(config_from_args(args), args.data, args.out, args.validation)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
@@ -110,6 +133,7 @@ def cmd_summary(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dvpt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _debug_arg(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable, help_text: str, optional: tuple[str, ...] = (),
@@ -128,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         out="folder for backbone.safetensors and pretrain.json")
     add("validate", cmd_validate, "check a dataset with Great Expectations",
         data="dataset folder", out="folder for manifest, validation.json and Data Docs")
-    add("preprocess", cmd_preprocess, "resize and cache the splits as memory-mapped arrays",
-        data="dataset folder", out="cache folder")
+    add("preprocess", cmd_preprocess, "resize and cache the splits the validate step passed as memory-mapped arrays",
+        data="dataset folder", validation="the validate step's output folder for this dataset", out="cache folder")
     add("train", cmd_train, "train the configured method on the frozen backbone (logs to MLflow)",
         optional=("data", "validation"), cache="preprocessed cache folder", out="folder for the adapter and run.json",
         data="dataset folder, for the DVC lineage hash (optional)",
@@ -165,12 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    mask_logging()
+    step = " ".join(filter(None, (args.command, getattr(args, "kfp_command", None))))
     try:
         result = args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        log.error("%s", err)
-        print(f"dvpt {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, Terminated) as stop:
+        _report(step, f"interrupted ({stop or 'Ctrl-C'})", args.debug)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001  (user errors become one line; anything else re-raises)
+        if not _user_error(err):
+            raise
+        _report(step, f"error: {describe(err)}", args.debug)
+        return EXIT_USER_ERROR
     _warn_about_weights(result)
     if args.command == "summary" and not args.json:
         print(_summary_text(result))
@@ -186,6 +216,31 @@ def _warn_about_weights(result: dict) -> None:
     elif result.get("stand_in_weights") in (True, "true") or result.get("stand_in") is True:
         print("WARNING: STAND-IN WEIGHTS - this result comes from a backbone pre-trained here on synthetic data, "
               "not from a foundation model", file=sys.stderr)
+def _user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one a user causes; MLflow's count only once mlflow was imported (the
+    check must not import it: it takes seconds)."""
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    return isinstance(err, USER_ERRORS) or (
+        mlflow_errors is not None and isinstance(err, mlflow_errors.MlflowException))
+
+
+def describe(err: BaseException) -> str:
+    """The error's message without Python's decoration: an OSError's ``[Errno N]`` prefix goes,
+    the file it names stays; an empty message becomes the error's type."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err) or type(err).__name__
+
+
+def _report(step: str, message: str, debug: bool) -> None:
+    """The message's detail lines, then (with ``--debug``) the traceback, then the one line that
+    ends the output: ``dvpt STEP: error: ...``. Every part has its URIs masked."""
+    head, *details = mask_text(message).splitlines() or [""]
+    for line in details:
+        print(f"  {line}", file=sys.stderr)
+    if debug:
+        print(mask_text(traceback.format_exc()), file=sys.stderr, end="")
+    print(f"dvpt {step}: {head}", file=sys.stderr)
 
 
 def _summary_text(summary: dict) -> str:

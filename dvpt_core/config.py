@@ -360,6 +360,30 @@ class TrackingConfig(_Strict):
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+Severity = Literal["error", "warning", "ignore"]
+
+
+class ValidationConfig(_Strict):
+    """What the data gate (``dvpt validate``) makes of findings that may be intended.
+
+    "error" fails validation (nothing downstream runs), "warning" passes it but reports the
+    finding in ``validation.json`` (``warnings``), the Data Docs and the log, "ignore" skips the
+    check. Each finding names the split, class or file at fault.
+    """
+
+    # A class with no sample in the training split (classification: no label; segmentation: no
+    # mask showing it): the model never sees it.
+    class_missing_from_train: Severity = "error"
+    # A class absent from the validation or test split: its metrics are undefined there, but a
+    # small split of a rare class can lack it honestly.
+    class_missing_from_eval: Severity = "warning"
+    # Every sample of the dataset in one class (segmentation: every mask empty): nothing to learn.
+    single_class: Severity = "error"
+    # Image files in a split folder that the dataset's lists do not name (DDR's ``<split>.txt``, a
+    # ``csv`` table): they are never read, which is usually an incomplete list.
+    unlisted_files: Severity = "warning"
+
+
 class ExportConfig(_Strict):
     opset: int = Field(default=18, ge=13)
     parity_atol: float = Field(default=1e-4, gt=0)
@@ -373,6 +397,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -380,6 +405,32 @@ class ExperimentConfig(_Strict):
     @classmethod
     def from_json(cls, text: str) -> "ExperimentConfig":
         return _validate(json.loads(text), source="JSON configuration")
+
+
+def explicit_keys(section: BaseModel, prefix: str = "") -> set[str]:
+    """Dotted keys of the settings given explicitly (by a preset, a params file, ``--set`` or a
+    JSON configuration) rather than left at the schema's defaults.
+
+    Pydantic records which fields an input set; a step uses this to refuse a setting it would
+    otherwise ignore (see ``peft.adapter.check_against_adapter``). A configuration parsed from
+    JSON (a Kubeflow task's) sets every key.
+    """
+    keys: set[str] = set()
+    for name in section.model_fields_set:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            keys |= explicit_keys(value, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def setting_value(cfg: BaseModel, key: str) -> Any:
+    """The JSON form of the setting at dotted ``key`` (so a Path compares as its string)."""
+    value: Any = cfg.model_dump(mode="json")
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def _validate(raw: dict[str, Any], source: str) -> ExperimentConfig:
@@ -420,9 +471,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"configuration file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
     return raw

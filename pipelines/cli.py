@@ -22,8 +22,8 @@ def cmd_compile(args: argparse.Namespace) -> dict:
     from pipelines.dvpt_pipeline import compile_pipeline
 
     image = args.image or default_image()
-    path = compile_pipeline(args.out, config_from_args(args), image, args.data_pvc)
-    return {"package": str(path), "image": image, "data_pvc": args.data_pvc}
+    path = compile_pipeline(args.out, config_from_args(args), image, args.data_pvc, args.tracking_secret)
+    return {"package": str(path), "image": image, "data_pvc": args.data_pvc, "tracking_secret": args.tracking_secret}
 
 
 def cmd_run_local(args: argparse.Namespace) -> dict:
@@ -35,12 +35,15 @@ def cmd_run_local(args: argparse.Namespace) -> dict:
 def cmd_submit(args: argparse.Namespace) -> dict:
     from pipelines.dvpt_pipeline import submit
 
-    if args.package and (args.params or args.overrides or args.preset or args.image or args.data_pvc):
-        raise ValueError("--package carries the configuration, image and volume it was compiled with: "
-                         "drop --params/--preset/--set/--image/--data-pvc, or drop --package to compile now")
+    if args.package and (args.params or args.overrides or args.preset or args.image or args.data_pvc
+                         or args.tracking_secret):
+        raise ValueError("--package carries the configuration, image, volume and secret it was compiled with: "
+                         "drop --params/--preset/--set/--image/--data-pvc/--tracking-secret, or drop --package "
+                         "to compile now")
     return submit(args.package or config_from_args(args), host=args.host, data_dir=args.data,
                   experiment=args.experiment, namespace=args.namespace, token=args.token,
-                  run_name=args.run_name, image=args.image, data_pvc=args.data_pvc)
+                  run_name=args.run_name, image=args.image, data_pvc=args.data_pvc,
+                  tracking_secret=args.tracking_secret)
 
 
 def _grid(args: argparse.Namespace, cfg: ExperimentConfig) -> list[dict]:
@@ -64,8 +67,9 @@ def cmd_compile_compare(args: argparse.Namespace) -> dict:
     image = args.image or default_image()
     cfg = config_from_args(args)
     grid = _grid(args, cfg)
-    path = compile_compare(args.out, cfg, grid, image, args.data_pvc)
-    return {"package": str(path), "image": image, "data_pvc": args.data_pvc, "cells": len(grid)}
+    path = compile_compare(args.out, cfg, grid, image, args.data_pvc, args.tracking_secret)
+    return {"package": str(path), "image": image, "data_pvc": args.data_pvc, "tracking_secret": args.tracking_secret,
+            "cells": len(grid)}
 
 
 def cmd_compare_local(args: argparse.Namespace) -> dict:
@@ -92,6 +96,8 @@ def add_kfp_commands(subparsers: argparse._SubParsersAction,
     sub = kfp.add_subparsers(dest="kfp_command", required=True)
     image_help = "container image of every component (default: $DVPT_IMAGE, else dvpt-mlops:0.1.0)"
     pvc_help = "PersistentVolumeClaim holding the data, mounted at /mnt/data (--data then lies under it)"
+    secret_help = ("Kubernetes secret whose keys MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN become the MLflow "
+                   "tasks' environment (credentials are never compiled into the pipeline)")
 
     def compile_command(name: str, help_text: str, out: str, func: Callable, grid: bool) -> None:
         parser = sub.add_parser(name, help=help_text)
@@ -101,6 +107,7 @@ def add_kfp_commands(subparsers: argparse._SubParsersAction,
         parser.add_argument("--out", type=Path, default=Path(out), help=f"default: {out}")
         parser.add_argument("--image", help=image_help)
         parser.add_argument("--data-pvc", help=pvc_help)
+        parser.add_argument("--tracking-secret", help=secret_help)
         parser.set_defaults(func=func)
 
     def local_command(name: str, help_text: str, func: Callable, grid: bool) -> None:
@@ -134,4 +141,5 @@ def add_kfp_commands(subparsers: argparse._SubParsersAction,
     submit.add_argument("--run-name", help="run name shown in the KFP UI")
     submit.add_argument("--image", help=image_help + "; not with --package")
     submit.add_argument("--data-pvc", help=pvc_help + "; not with --package")
+    submit.add_argument("--tracking-secret", help=secret_help + "; not with --package")
     submit.set_defaults(func=cmd_submit)

@@ -3,9 +3,9 @@ seed x label ratio) with ``dsl.ParallelFor``, each cell preprocess -> train -> e
 step components every other pipeline runs, and fan in with ``dsl.Collected`` to one report.
 
 Each cell first gets its own configuration (the ``cell_config`` component applies the cell to
-``config_json``), then preprocesses the data itself: ``data.label_ratio`` and the seed's
-``data.split_seed`` choose the labelled subset in the preprocess step, so the cache differs per
-(seed, ratio). The ``compare`` task reads every cell's MLflow run and writes the HTML report
+``config_json``), then preprocesses the samples the one validation passed itself:
+``data.label_ratio`` and the seed's ``data.split_seed`` choose the labelled subset in the
+preprocess step, so the cache differs per (seed, ratio). The ``compare`` task reads every cell's MLflow run and writes the HTML report
 (table and plot), logged to MLflow as a parent run ``comparison`` over the cell runs. It consumes
 the train models through ``dsl.Collected``, which makes it wait for the whole loop, evaluation
 included. Caching is off for every task but the stand-in backbone's, as in
@@ -25,13 +25,14 @@ from components import build_compare_components, build_components
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.steps.compare import RESULT_FILE
 from dvpt_core.tracking import connect
-from pipelines.dvpt_pipeline import DATA_MOUNT, compile_graph, local_session
+from pipelines.dvpt_pipeline import DATA_MOUNT, compile_graph, local_session, use_tracking_secret
 
 PIPELINE_NAME = "dvpt-compare"
 
 
-def build_compare_pipeline(image: str | None = None, data_pvc: str | None = None) -> GraphComponent:
-    """The pipeline with every component in ``image``; ``data_pvc`` as in
+def build_compare_pipeline(image: str | None = None, data_pvc: str | None = None,
+                           tracking_secret: str | None = None) -> GraphComponent:
+    """The pipeline with every component in ``image``; ``data_pvc`` and ``tracking_secret`` as in
     :func:`pipelines.dvpt_pipeline.build_pipeline`. Parameters: ``data_dir``, ``config_json`` and
     ``grid``, the cells as :func:`dvpt_core.steps.compare.expand_grid` makes them."""
     step = build_components(image)
@@ -46,7 +47,8 @@ def build_compare_pipeline(image: str | None = None, data_pvc: str | None = None
         with dsl.ParallelFor(grid) as cell:
             configured = own.cell_config(config_json=config_json, cell=cell).after(validated)
             cell_json = configured.output
-            cached = step.preprocess(config_json=cell_json, data_dir=data_dir)
+            cached = step.preprocess(config_json=cell_json, data_dir=data_dir,
+                                     validation=validated.outputs["validation"])
             cache = cached.outputs["cache"]
             trained = step.train(config_json=cell_json, data_dir=data_dir, cache=cache, backbone=backbone,
                                  validation=validated.outputs["validation"])
@@ -59,15 +61,16 @@ def build_compare_pipeline(image: str | None = None, data_pvc: str | None = None
         if data_pvc:
             for task in (validated, cached, trained):
                 kubernetes.mount_pvc(task, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+        use_tracking_secret(tracking_secret, trained, evaluated, compared)
         return outputs(comparison=compared.outputs["comparison"], report=compared.outputs["report"])
 
     return dvpt_compare
 
 
 def compile_compare(out_path: Path, cfg: ExperimentConfig, grid: list[dict], image: str | None = None,
-                    data_pvc: str | None = None) -> Path:
+                    data_pvc: str | None = None, tracking_secret: str | None = None) -> Path:
     """Compile to KFP IR YAML with ``config_json`` defaulting to ``cfg`` and ``grid`` to ``grid``."""
-    return compile_graph(build_compare_pipeline(image, data_pvc), out_path, cfg, grid=grid)
+    return compile_graph(build_compare_pipeline(image, data_pvc, tracking_secret), out_path, cfg, grid=grid)
 
 
 def run_compare_local(cfg: ExperimentConfig, grid: list[dict], data_dir: Path, pipeline_root: Path) -> dict:

@@ -10,6 +10,12 @@ Caching is off for every task but ``pretrain``: KFP would key a cache hit on the
 string, not on the files under it, and a cached train or register task would skip its MLflow run
 or model version. The stand-in backbone depends on the configuration alone, so it is cached.
 
+No credentials are compiled in: a tracking URI's user info and secret query parameters are
+dropped from the ``config_json`` default (with a warning), and the tasks that talk to MLflow
+take them from a Kubernetes secret instead (``tracking_secret``: its keys
+``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN`` become
+those environment variables, which MLflow's client reads).
+
 No ``from __future__ import annotations``: ``dsl.pipeline`` reads the pipeline function's
 annotations as real types.
 """
@@ -31,6 +37,7 @@ from kfp.dsl.graph_component import GraphComponent
 
 from components import build_components
 from dvpt_core.config import ExperimentConfig
+from dvpt_core.secrets import MLFLOW_CREDENTIAL_ENV, has_credentials, mask_uri, strip_credentials
 
 log = logging.getLogger(__name__)
 PIPELINE_NAME = "dvpt-pipeline"
@@ -38,12 +45,14 @@ TOKEN_ENV = "KF_PIPELINES_TOKEN"
 DATA_MOUNT = "/mnt/data"
 
 
-def build_pipeline(image: str | None = None, data_pvc: str | None = None) -> GraphComponent:
+def build_pipeline(image: str | None = None, data_pvc: str | None = None,
+                   tracking_secret: str | None = None) -> GraphComponent:
     """The pipeline with every component in ``image`` (default ``$DVPT_IMAGE`` or the local tag).
 
     ``data_pvc`` names a PersistentVolumeClaim mounted at ``/mnt/data`` in the tasks that read
-    ``data_dir`` (which then lies under ``/mnt/data``). The pipeline's outputs: the trained adapter,
-    the registration record and the test metrics.
+    ``data_dir`` (which then lies under ``/mnt/data``); ``tracking_secret`` a Kubernetes secret
+    holding the MLflow credentials (see the module docstring). The pipeline's outputs: the trained
+    adapter, the registration record and the test metrics.
     """
     step = build_components(image)
     outputs = NamedTuple(
@@ -55,7 +64,8 @@ def build_pipeline(image: str | None = None, data_pvc: str | None = None) -> Gra
         pretrained = step.pretrain(config_json=config_json)
         backbone = pretrained.outputs["backbone"]
         validated = step.validate(config_json=config_json, data_dir=data_dir)
-        cached = step.preprocess(config_json=config_json, data_dir=data_dir).after(validated)
+        cached = step.preprocess(config_json=config_json, data_dir=data_dir,
+                                 validation=validated.outputs["validation"])
         cache = cached.outputs["cache"]
         trained = step.train(config_json=config_json, data_dir=data_dir, cache=cache, backbone=backbone,
                              validation=validated.outputs["validation"])
@@ -73,25 +83,51 @@ def build_pipeline(image: str | None = None, data_pvc: str | None = None) -> Gra
         if data_pvc:
             for task in (validated, cached, trained):
                 kubernetes.mount_pvc(task, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+        use_tracking_secret(tracking_secret, trained, evaluated, registered)
         return outputs(model=model, registration=registered.outputs["registration"],
                        test_metrics=evaluated.outputs["metrics"])
 
     return dvpt_pipeline
 
 
+def use_tracking_secret(secret: str | None, *tasks: dsl.PipelineTask) -> None:
+    """The MLflow credentials of Kubernetes secret ``secret`` as environment variables of ``tasks``
+    (each key optional: a secret may hold a user and password, or a token)."""
+    if not secret:
+        return
+    for task in tasks:
+        kubernetes.use_secret_as_env(task, secret_name=secret, optional=True,
+                                     secret_key_to_env={name: name for name in MLFLOW_CREDENTIAL_ENV})
+
+
 def compile_pipeline(
-    out_path: Path, cfg: ExperimentConfig, image: str | None = None, data_pvc: str | None = None
+    out_path: Path, cfg: ExperimentConfig, image: str | None = None, data_pvc: str | None = None,
+    tracking_secret: str | None = None,
 ) -> Path:
     """Compile to KFP IR YAML with ``config_json`` defaulting to ``cfg``; returns ``out_path``.
 
-    ``image`` and ``data_pvc`` as in :func:`build_pipeline`.
+    ``image``, ``data_pvc`` and ``tracking_secret`` as in :func:`build_pipeline`.
     """
-    return compile_graph(build_pipeline(image, data_pvc), out_path, cfg)
+    return compile_graph(build_pipeline(image, data_pvc, tracking_secret), out_path, cfg)
+
+
+def without_credentials(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the tracking URI's credentials dropped (warning that they were), for shipping."""
+    uri = cfg.tracking.tracking_uri
+    if not uri or not has_credentials(uri):
+        return cfg
+    log.warning(
+        "tracking.tracking_uri %s holds credentials: the pipeline is compiled without them; give the pods "
+        "%s from a Kubernetes secret (--tracking-secret NAME)", mask_uri(uri), " / ".join(MLFLOW_CREDENTIAL_ENV),
+    )
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": strip_credentials(uri)})})
 
 
 def compile_graph(pipeline: GraphComponent, out_path: Path, cfg: ExperimentConfig, **defaults: object) -> Path:
     """Compile ``pipeline`` with ``config_json`` (and any other parameter in ``defaults``)
-    defaulting to the given values; warns when the pods could not share MLflow runs."""
+    defaulting to the given values, credentials removed (:func:`without_credentials`); warns when
+    the pods could not share MLflow runs."""
+    cfg = without_credentials(cfg)
     uri = cfg.tracking.tracking_uri
     if not (uri or "").startswith(("http://", "https://")):
         log.warning(
@@ -155,11 +191,13 @@ def submit(
     run_name: str | None = None,
     image: str | None = None,
     data_pvc: str | None = None,
+    tracking_secret: str | None = None,
 ) -> dict:
     """Submit a run to a Kubeflow Pipelines host; returns the run id and its UI address.
 
     ``pipeline`` is a compiled package (whose ``config_json`` default is the configuration it was
-    compiled with) or a configuration to compile now with ``image`` and ``data_pvc``. ``token`` (else
+    compiled with) or a configuration to compile now with ``image``, ``data_pvc`` and
+    ``tracking_secret``. ``token`` (else
     ``$KF_PIPELINES_TOKEN``) is a bearer token, e.g. ``kubectl create token`` for a service
     account allowed to use the Kubeflow profile ``namespace``.
     """
@@ -169,7 +207,7 @@ def submit(
     client = kfp.Client(host=host, existing_token=token, **profile)
     with tempfile.TemporaryDirectory() as tmp:
         package = (
-            compile_pipeline(Path(tmp) / "pipeline.yaml", pipeline, image, data_pvc)
+            compile_pipeline(Path(tmp) / "pipeline.yaml", pipeline, image, data_pvc, tracking_secret)
             if isinstance(pipeline, ExperimentConfig) else Path(pipeline)
         )
         result = client.create_run_from_pipeline_package(

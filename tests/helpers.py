@@ -80,3 +80,10 @@ def run_offline(code: str, hub: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).parents[1])
+
+def validated(cfg: ExperimentConfig, root: Path, out: Path) -> Path:
+    """The validate step's report on ``root`` in ``out``: what the preprocess step reads from."""
+    from dvpt_core.steps.validate import validate
+
+    validate(cfg, root, out)
+    return Path(out)

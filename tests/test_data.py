@@ -20,6 +20,7 @@ from dvpt_core.data.records import SPLITS
 from dvpt_core.data.synthetic.ddr import generate_ddr
 from dvpt_core.steps.preprocess import preprocess
 from dvpt_core.steps.validate import DataValidationError, validate
+from tests.helpers import validated
 
 CLASSES = DataConfig().class_names
 TINY = SyntheticConfig(train=12, valid=6, test=6, image_size=64)
@@ -218,9 +219,14 @@ def test_validation_rejects_a_leak_between_splits(tiny_copy: Path, tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def validation_dir(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return validated(small_experiment(), tiny_root, tmp_path_factory.mktemp("validated") / "validation")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_root: Path, validation_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "cache"
-    preprocess(small_experiment(), tiny_root, out)
+    preprocess(small_experiment(), tiny_root, out, validation_dir)
     return out
 
 
@@ -239,10 +245,12 @@ def test_preprocess_writes_arrays_per_split(tiny_root: Path, cache_dir: Path) ->
     assert len(meta["inputs_sha256"]) == 64
 
 
-def test_preprocess_replaces_only_its_own_output(tiny_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_preprocess_replaces_only_its_own_output(
+    tiny_root: Path, validation_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
     rerun = tmp_path / "cache"
     shutil.copytree(cache_dir, rerun)
-    meta = preprocess(small_experiment(), tiny_root, rerun)
+    meta = preprocess(small_experiment(), tiny_root, rerun, validation_dir)
     assert meta["inputs_sha256"] == json.loads((cache_dir / "meta.json").read_text())["inputs_sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"], "temporary directories left behind"
 
@@ -250,7 +258,7 @@ def test_preprocess_replaces_only_its_own_output(tiny_root: Path, cache_dir: Pat
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a preprocessing cache"):
-        preprocess(small_experiment(), tiny_root, stranger)
+        preprocess(small_experiment(), tiny_root, stranger, validation_dir)
     assert (stranger / "notes.txt").read_text() == "keep me"
 
 

@@ -15,7 +15,7 @@ from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import save_adapter
 from dvpt_core.steps.export import ExportParityError, export
 from dvpt_core.steps.preprocess import preprocess
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, validated
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     cfg = tiny_config()
     generate_dataset(root / "data", cfg)
-    preprocess(cfg, root / "data", root / "cache")
+    preprocess(cfg, root / "data", root / "cache", validated(cfg, root / "data", root / "validation"))
     return root / "cache"
 
 

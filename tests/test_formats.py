@@ -23,6 +23,7 @@ from dvpt_core.data.synthetic.acdc import LV, MYO, RV
 from dvpt_core.data.synthetic.kvasir import STREAM, render_polyp
 from dvpt_core.data.transforms import apply, build_transform
 from dvpt_core.steps.preprocess import preprocess
+from tests.helpers import validated
 
 TINY = SyntheticConfig(train=5, valid=5, test=5, seg_images=10, volumes=10, slices=3, image_size=32)
 RNG = np.random.default_rng(0)
@@ -279,7 +280,7 @@ def test_masks_follow_the_stated_policy(tmp_path: Path) -> None:
 def test_preprocess_writes_a_restackable_segmentation_cache(tmp_path: Path) -> None:
     root = synthetic(tmp_path / "acdc", "acdc")
     cfg = ExperimentConfig(model={"image_size": 24, "weights": "random"}, data={"format": "acdc"})
-    meta = preprocess(cfg, root, tmp_path / "cache")
+    meta = preprocess(cfg, root, tmp_path / "cache", validated(cfg, root, tmp_path / "validation"))
     assert meta["task"] == "segmentation" and meta["class_names"] == ["background", "RV", "MYO", "LV"]
     assert meta["splits"]["units"] == {"train": 7, "valid": 1, "test": 2}
     test_dir = tmp_path / "cache" / "test"

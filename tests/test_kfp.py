@@ -117,7 +117,8 @@ def test_cli_compile_prints_the_package(tmp_path, capsys) -> None:
 
     out = tmp_path / "p.yaml"
     assert main(["kfp", "compile", "--out", str(out), "--image", "reg/dvpt:cli", "--set", "model.prompts=3"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"package": str(out), "image": "reg/dvpt:cli", "data_pvc": None}
+    assert json.loads(capsys.readouterr().out) == {"package": str(out), "image": "reg/dvpt:cli", "data_pvc": None,
+                                                   "tracking_secret": None}
     config = json.loads(_compiled(out)["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
     assert config["model"]["prompts"] == 3
 

@@ -17,6 +17,7 @@ from dvpt_core.data.splits import SplitLeakError, plan_splits, stratified_order
 from dvpt_core.data.synthetic.ddr import generate_ddr
 from dvpt_core.data.synthetic.kvasir import generate_kvasir
 from dvpt_core.steps.preprocess import preprocess
+from tests.helpers import validated
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 1.0)
 
@@ -161,7 +162,7 @@ def test_preprocess_writes_splits_and_applies_the_label_ratio(tmp_path: Path) ->
     root = tmp_path / "ddr"
     generate_ddr(root, SyntheticConfig(train=20, valid=5, test=5, image_size=48), DataConfig().class_names)
     cfg = ExperimentConfig(model={"image_size": 32, "weights": "random"}, data={"label_ratio": 0.3})
-    meta = preprocess(cfg, root, tmp_path / "cache")
+    meta = preprocess(cfg, root, tmp_path / "cache", validated(cfg, root, tmp_path / "validation"))
     assert meta["counts"]["train"]["total"] == 6 and meta["splits"]["unlabelled_train"] == 14
     assert np.load(tmp_path / "cache" / "train" / "labels.npy").shape == (6,)
     rows = read_rows(tmp_path / "cache" / "splits.csv")
@@ -174,7 +175,7 @@ def test_no_content_hash_is_in_two_splits_of_a_kvasir_fold(tmp_path: Path) -> No
     root = tmp_path / "kvasir"
     generate_kvasir(root, SyntheticConfig(seg_images=20, image_size=32))
     cfg = ExperimentConfig(model={"image_size": 32, "weights": "random"}, data={"format": "kvasir", "fold": 2})
-    meta = preprocess(cfg, root, tmp_path / "cache")
+    meta = preprocess(cfg, root, tmp_path / "cache", validated(cfg, root, tmp_path / "validation"))
     assert meta["task"] == "segmentation" and meta["splits"]["samples"] == {"train": 14, "valid": 2, "test": 4}
     rows = read_rows(tmp_path / "cache" / "splits.csv")
     splits_per_hash = {h: {r["split"] for r in rows if r["sha256"] == h} for h in {r["sha256"] for r in rows}}

@@ -93,14 +93,22 @@ def make_loader(
     train: bool,
     cfg: ExperimentConfig,
     generator: torch.Generator | None = None,
+    image_size: int | None = None,
 ) -> DataLoader:
     """A DataLoader over one preprocessed split: shuffled and augmented when ``train``.
+
+    ``image_size``: the input size the model takes; a cache preprocessed at another size is
+    refused here, naming both, rather than deep inside the model's forward pass.
 
     The order (and the workers' random seeds) come from ``generator``, or from one seeded with
     ``cfg.train.seed``, so a run is repeatable. With ``num_workers=0`` augmentation draws from
     torch's global generator: seed it too (``dvpt_core.runtime.seed_everything``).
     """
     dataset = CachedSplit(split_dir, mean, std, augment=cfg.train if train else None)
+    cached = dataset.images.shape[1]
+    if image_size is not None and cached != image_size:
+        raise ValueError(f"{Path(split_dir) / IMAGES_FILE} holds {cached}x{cached} images but the model takes "
+                         f"{image_size}x{image_size}: preprocess again with model.image_size={image_size}")
     workers = cfg.train.num_workers
     return DataLoader(
         dataset,

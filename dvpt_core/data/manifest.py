@@ -20,7 +20,7 @@ Columns, per sample (a slice of a volume is a sample; its file facts are the vol
   ``mode`` (Pillow's, images only), ``dtype`` and ``ndim`` (arrays only), ``decoded`` (null when
   an earlier problem meant it was not tried), ``readable`` (all of that passed) and ``error``;
 - the mask file, with the same facts prefixed ``mask_`` (for ``.npz``/``.h5`` the ``label`` array
-  of the same file), plus its values: ``mask_values`` (the distinct values, up to
+  of the same file, whose ``mask_sha256`` is then empty: ``sha256`` covers it), plus its values: ``mask_values`` (the distinct values, up to
   :data:`MAX_LISTED_VALUES`), ``mask_distinct``, ``mask_min``, ``mask_max``, ``mask_lossy`` (a
   JPEG, whose values are never exact), ``mask_ambiguous`` (the share of pixels within
   :data:`AMBIGUITY` of the binarisation threshold) and ``mask_integral`` (no fractional labels).
@@ -52,7 +52,7 @@ MASK_FACTS = ("values", "distinct", "min", "max", "lossy", "ambiguous", "integra
 COLUMNS = (
     *SAMPLE_COLUMNS,
     *FILE_FACTS,
-    *(f"mask_{name}" for name in (*FILE_FACTS, *MASK_FACTS) if name != "sha256"),
+    *(f"mask_{name}" for name in (*FILE_FACTS, *MASK_FACTS)),
 )
 INT_COLUMNS = ("label", "slice_index", "bytes", "width", "height", "pixels", "voxels", "ndim",
                "mask_bytes", "mask_width", "mask_height", "mask_pixels", "mask_voxels", "mask_ndim",
@@ -99,6 +99,32 @@ def build_manifest(
     bad = int((~frame["readable"]).sum())
     log.info("manifest of %s: %d samples from %d files, %d unreadable", root, len(frame), len(pairs), bad)
     return frame
+
+
+def read_manifest(path: Path, root: Path) -> tuple[list[Sample], list[str], list[str | None]]:
+    """The samples a written manifest (``manifest.csv``) lists, under ``root``, in its order, with
+    the image and mask sha256 it recorded: what a later step reads instead of listing the dataset
+    again. ``split`` is the split the dataset names (``named_split``; the planner assigns the rest).
+    """
+    # Every column as text, nothing guessed: a patient id "007" or "NA" must stay as written.
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"path", "named_split", "label", "mask", "group", "volume", "slice_index", "sha256",
+               "mask_sha256"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: not a validation manifest (no {', '.join(sorted(missing))} column)")
+    root = Path(root)
+
+    def optional(value: str) -> str | None:
+        return value or None
+
+    samples = [
+        Sample(path=root / row["path"], label=int(row["label"]) if row["label"] else None,
+               split=optional(row["named_split"]), mask=root / row["mask"] if row["mask"] else None,
+               group=optional(row["group"]), volume=optional(row["volume"]),
+               slice_index=int(row["slice_index"]) if row["slice_index"] else None)
+        for row in frame.to_dict("records")
+    ]
+    return samples, frame["sha256"].tolist(), [optional(v) for v in frame["mask_sha256"]]
 
 
 def sample_columns(root: Path, sample: Sample) -> dict[str, Any]:
@@ -158,7 +184,7 @@ def inspect_pair(
     row = _finish(image)
     if mask is not None:
         facts = inspect_mask(allowed, Path(path), Path(mask), row, max_pixels, threshold)
-        row.update({f"mask_{key}": value for key, value in facts.items() if key != "sha256"})
+        row.update({f"mask_{key}": value for key, value in facts.items()})
     return row
 
 

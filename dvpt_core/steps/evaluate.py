@@ -1,4 +1,8 @@
-"""Evaluate step: the trained adapter on the test split, as the paper scores DR grading."""
+"""Evaluate step: the trained adapter on the test split, as the paper scores DR grading.
+
+The model, its input size and the class names come from the adapter (``config_for_adapter``):
+a setting given explicitly that contradicts the adapter is refused, never silently ignored.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from dvpt_core.config import ExperimentConfig
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.engine import predict
 from dvpt_core.metrics.classification import classification_metrics, confusion_matrix, plot_confusion_matrix
-from dvpt_core.peft.adapter import backbone_location, load_adapter
+from dvpt_core.peft import build_model
+from dvpt_core.peft.adapter import apply_adapter, config_for_adapter
 from dvpt_core.runtime import resolve_device
 from dvpt_core.tracking import read_run_file, resume_run
 
@@ -26,9 +31,11 @@ def evaluate(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    model = load_adapter(Path(train_dir) / "adapter", backbone_location(cfg)).to(device)
+    adapter_dir = Path(train_dir) / "adapter"
+    cfg = config_for_adapter(cfg, adapter_dir)
+    model = apply_adapter(build_model(cfg), adapter_dir).eval().to(device)
     info = model.info
-    loader = make_loader(Path(cache_dir) / split, info.mean, info.std, False, cfg)
+    loader = make_loader(Path(cache_dir) / split, info.mean, info.std, False, cfg, image_size=info.image_size)
     logits, labels = predict(model, loader, device, amp=cfg.train.amp, desc=f"evaluate {split}")
     preds = logits.argmax(1)
     num_classes = cfg.data.num_classes

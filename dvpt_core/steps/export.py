@@ -1,7 +1,8 @@
 """Export step: backbone + adapter as one ONNX graph with a dynamic batch axis, checked for parity.
 
 Parity is measured with onnxruntime against PyTorch on real preprocessed test images, at batch 1
-and at a larger batch, so the dynamic axis is exercised too.
+and at a larger batch, so the dynamic axis is exercised too. The model, its input size and the
+class names come from the adapter; a setting given explicitly that contradicts it is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.data.dataset import make_loader
-from dvpt_core.peft.adapter import backbone_location, load_adapter
+from dvpt_core.peft import build_model
+from dvpt_core.peft.adapter import apply_adapter, config_for_adapter
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "images", "logits"
@@ -62,9 +64,11 @@ def onnx_parity(model: torch.nn.Module, path: Path, batches: list[torch.Tensor])
 
 def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
-    model = load_adapter(Path(train_dir) / "adapter", backbone_location(cfg)).cpu().eval()
+    adapter_dir = Path(train_dir) / "adapter"
+    cfg = config_for_adapter(cfg, adapter_dir)
+    model = apply_adapter(build_model(cfg), adapter_dir).cpu().eval()
     info = model.info
-    loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg)
+    loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg, image_size=info.image_size)
     images, _ = next(iter(loader))
     candidate = export_onnx(model, images[:2], out_dir / ".candidate.onnx", cfg.export.opset)
     try:

@@ -24,7 +24,7 @@ def run_all(cfg: ExperimentConfig, data_root: Path, out_root: Path) -> dict:
     pretrain_if_stand_in(cfg, out["pretrain"])
     cfg = use_stand_in(cfg, out["pretrain"])
     validate(cfg, data_root, out["validation"])
-    preprocess(cfg, data_root, out["cache"])
+    preprocess(cfg, data_root, out["cache"], out["validation"])
     trained = train(cfg, out["cache"], out["train"], data_root=data_root, validation_dir=out["validation"])
     metrics = evaluate(cfg, out["cache"], out["train"], out["evaluation"])
     exported = export(cfg, out["cache"], out["train"], out["export"])

@@ -2,8 +2,11 @@
 
 Decoding full-size fundus JPEGs (or decompressing NIfTI volumes) dominates an epoch on real data;
 doing it once here makes every epoch (and every hyper-parameter trial) read plain arrays instead.
-The dataset is read in its own format, split by ``dvpt_core.data.splits`` (seeded, by patient,
-de-duplicated and leak-checked, with ``data.label_ratio``'s subset of the training split), and
+The step reads only what the data gate passed: the samples of the validate step's manifest
+(``--validation``), refusing to run without a passed report made with the same data settings or
+when a listed file changed since (its sha256 differs), and naming the command to run. Those
+samples are split by ``dvpt_core.data.splits`` (seeded, by patient, de-duplicated and
+leak-checked, with ``data.label_ratio``'s subset of the training split), and
 per split the step writes ``<split>/images.npy`` (uint8, N x S x S x 3, RGB, bilinear resize)
 and, for classification, ``<split>/labels.npy`` (int64); for segmentation ``<split>/masks.npy``
 (uint8 N x S x S class indices, nearest-neighbour resize) with ``volumes.npy`` / ``slices.npy``
@@ -11,7 +14,9 @@ and, for classification, ``<split>/labels.npy`` (int64); for segmentation ``<spl
 ``volumes.json`` and ``volume_labels.npz`` (``dvpt_core.data.cases``). ``splits.csv`` records
 every sample's split and content hash and ``meta.json`` the settings and counts. Everything is
 written into a temporary directory beside ``out_dir`` and renamed into place at the end, so a
-crash never leaves a half-written cache for DVC or the next step to pick up.
+crash never leaves a half-written cache for DVC or the next step to pick up. The free space is
+checked against the arrays' size first and their blocks are reserved before any is written, so
+a full disk is a one-line error naming the folder and the space needed, never a SIGBUS.
 """
 
 from __future__ import annotations
@@ -30,31 +35,45 @@ from dvpt_core.data.cases import write_volume_cache
 from dvpt_core.data.cache_layout import (
     IMAGES_FILE, LABELS_FILE, MASKS_FILE, META_FILE, SLICES_FILE, SPLITS_FILE, VOLUMES_FILE,
 )
-from dvpt_core.data.formats import mask_policy, read_dataset, resolve_data_config
+from dvpt_core.data.formats import mask_policy, resolve_data_config
 from dvpt_core.data.formats.pixels import MaskPolicy, load_resized
-from dvpt_core.data.manifest import relative_path
+from dvpt_core.data.manifest import read_manifest, relative_path
 from dvpt_core.data.parallel import map_ordered
 from dvpt_core.data.records import SPLITS, Sample
 from dvpt_core.data.splits import SplitPlan, file_digests, plan_splits, write_splits_csv
+from dvpt_core.steps.validate import MANIFEST_FILE, RESULT_FILE, gate_settings
+from dvpt_core.storage import disk_full_as_error, open_reserved_memmap, require_free_space
 
 log = logging.getLogger(__name__)
+# Beyond the arrays: a row of splits.csv per sample (paths and a sha256: well under this), and
+# meta.json and the .npy headers once.
+SPLITS_ROW_BYTES = 512
+SPACE_MARGIN = 1 << 20
 
 
-def preprocess(cfg: ExperimentConfig, data_root: Path, out_dir: Path) -> dict:
+class NotValidatedError(ValueError):
+    """The data were not passed by the validate step as they are now; says what to run."""
+
+
+def preprocess(cfg: ExperimentConfig, data_root: Path, out_dir: Path, validation_dir: Path) -> dict:
     """Build the array cache of the dataset at ``data_root`` in ``out_dir``; returns ``meta.json``'s content.
 
+    ``validation_dir``: the validate step's output for this dataset (see the module docstring).
     ``out_dir`` is replaced only when it is empty or a previous cache (it holds ``meta.json``),
     so a mistyped path cannot wipe unrelated files.
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     _check_replaceable(out_dir)
     data = resolve_data_config(cfg.data, data_root)
-    samples = read_dataset(data, data_root)
+    samples = validated_samples(data, data_root, Path(validation_dir))
     if data.task == "classification":
         _check_labels(samples, data.num_classes)
     plan = plan_splits(samples, file_digests([s.path for s in samples]), data)
     size = cfg.model.image_size
-    with atomic_directory(out_dir, replace=True) as tmp:
+    needed = cache_bytes(plan, size, data.task) + SPACE_MARGIN
+    require_free_space(out_dir.parent, needed, f"the {size}x{size} preprocessing cache")
+    with disk_full_as_error(out_dir, needed, "the preprocessing cache"), \
+            atomic_directory(out_dir, replace=True) as tmp:
         counts = {}
         for split in SPLITS:
             split_samples = plan.split(split)
@@ -79,6 +98,52 @@ def preprocess(cfg: ExperimentConfig, data_root: Path, out_dir: Path) -> dict:
     return meta
 
 
+def validated_samples(data: DataConfig, root: Path, validation_dir: Path) -> list[Sample]:
+    """The samples of the passed validation report in ``validation_dir``, unchanged since.
+
+    Refused, naming what to run: no report, a failed one, one made with other data settings
+    (``validate.GATE_SETTINGS``), or a listed file (image or mask) whose content changed.
+    """
+    rerun = f"run `dvpt validate --data {root} --out {validation_dir}` with this configuration"
+    report_path = validation_dir / RESULT_FILE
+    if not report_path.is_file():
+        raise NotValidatedError(f"{report_path} does not exist: preprocess reads only data the validate step "
+                                f"passed; {rerun} first")
+    report = json.loads(report_path.read_text())
+    if not report.get("success"):
+        raise NotValidatedError(f"{report_path}: the data validation of {report.get('data_root')} failed; "
+                                f"fix what it names, then {rerun} again")
+    validated, current = report.get("data_settings") or {}, gate_settings(data)
+    changed = [f"data.{key}={current[key]!r} (validated with {validated.get(key)!r})"
+               for key in current if validated.get(key) != current[key]]
+    if changed:
+        raise NotValidatedError(f"{report_path} holds for other data settings: {'; '.join(changed)}; {rerun}")
+    samples, digests, mask_digests = read_manifest(validation_dir / MANIFEST_FILE, root)
+    _check_unchanged([s.path for s in samples], digests, root, rerun)
+    masked = [(s.mask, d) for s, d in zip(samples, mask_digests) if d is not None]
+    _check_unchanged([m for m, _ in masked], [d for _, d in masked], root, rerun)
+    return samples
+
+
+def _check_unchanged(paths: list[Path], recorded: list[str], root: Path, rerun: str) -> None:
+    """Every file still there with the content the report recorded (each distinct file hashed once)."""
+    gone = [p for p in dict.fromkeys(paths) if not p.is_file()]
+    if gone:
+        raise NotValidatedError(f"{gone[0]} is listed in the validated manifest but does not exist "
+                                f"({len(gone)} such file(s)); {rerun}")
+    for path, now, then in zip(paths, file_digests(paths), recorded):
+        if now != then:
+            raise NotValidatedError(f"{relative_path(root, path)} changed since it was validated (sha256 "
+                                    f"{now[:12]}, validated {then[:12]}); {rerun}")
+
+
+def cache_bytes(plan: SplitPlan, size: int, task: str) -> int:
+    """What the cache takes on disk: images (and masks) at ``size``, the per-sample arrays, splits.csv."""
+    count = sum(len(plan.split(split)) for split in SPLITS)
+    per_sample = size * size * (3 + (task == "segmentation")) + 8
+    return count * per_sample + len(plan.samples) * SPLITS_ROW_BYTES
+
+
 def _check_replaceable(out_dir: Path) -> None:
     if is_non_empty_dir(out_dir) and not (out_dir / META_FILE).is_file():
         raise FileExistsError(
@@ -99,13 +164,11 @@ def write_split(split_dir: Path, samples: list[Sample], size: int, data: DataCon
     """Writes one split's arrays; returns its counts for ``meta.json``."""
     split_dir.mkdir(parents=True)
     segmentation = data.task == "segmentation"
-    # Written through memory maps, so a split larger than RAM (real DDR at 224 px: ~1 GB) is fine.
-    images = np.lib.format.open_memmap(
-        split_dir / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(samples), size, size, 3)
-    )
-    masks = np.lib.format.open_memmap(
-        split_dir / MASKS_FILE, mode="w+", dtype=np.uint8, shape=(len(samples), size, size)
-    ) if segmentation else None
+    # Written through memory maps, so a split larger than RAM (real DDR at 224 px: ~1 GB) is fine;
+    # their blocks are reserved first, so a full disk raises here instead of a SIGBUS mid-write.
+    images = open_reserved_memmap(split_dir / IMAGES_FILE, np.uint8, (len(samples), size, size, 3))
+    masks = open_reserved_memmap(split_dir / MASKS_FILE, np.uint8, (len(samples), size, size)) \
+        if segmentation else None
 
     def load(indices: list[int]) -> None:
         pairs = load_resized([samples[i] for i in indices], size, policy, data.max_pixels)

@@ -8,6 +8,13 @@ writes ``manifest.csv``, ``validation.json`` (every expectation's outcome and ev
 with its reason) and ``data_docs/index.html``, and raises :class:`DataValidationError` naming
 every offending file when the suite fails, so a bad dataset stops the pipeline here.
 
+Besides bad files, the suite judges the dataset as a whole, by rules ``validation.*`` in the
+configuration sets to "error" (fails), "warning" (reported in ``validation.json``'s
+``warnings``, the Data Docs and the log) or "ignore": a class with no sample in a split, a
+dataset of one class, and image files in a split folder that the dataset's lists do not name.
+``validation.json`` also records the data settings it judged by (``data_settings``): the
+preprocess step reads only the samples of a passed report made with the same settings.
+
 Nothing half-written is left behind: the report is built in a temporary directory beside
 ``out_dir`` and renamed into place whole, whether the data pass or fail (a failed report replaces
 any earlier one, so a stale "passed" never sits beside bad data), and the step raises after that,
@@ -36,9 +43,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dvpt_core.config import DataConfig, ExperimentConfig
+from dvpt_core.config import DataConfig, ExperimentConfig, ValidationConfig
 from dvpt_core.data.atomic import atomic_directory, is_non_empty_dir
-from dvpt_core.data.formats import mask_policy, read_dataset, resolve_data_config
+from dvpt_core.data.formats import mask_policy, read_dataset, resolve_data_config, unlisted_files
 from dvpt_core.data.manifest import AMBIGUITY, MAX_SLICES_AT_LIMIT, build_manifest, relative_path
 from dvpt_core.data.records import SPLITS, Sample
 from dvpt_core.data.splits import SplitLeakError, plan_splits
@@ -66,6 +73,15 @@ SAME_GROUP_COLUMN = "splits_with_same_group"
 RESULT_FILE = "validation.json"
 MANIFEST_FILE = "manifest.csv"
 DOCS_DIR = "data_docs"
+# The data settings a report holds for: what the suite judged by. A later step reading the
+# report's manifest must use the same (split settings may differ: the planner runs again there).
+GATE_SETTINGS = ("format", "task", "class_names", "max_pixels", "mask_threshold", "synapse_labels", "csv_file",
+                 "link_roots")
+MISSING_CLASSES_COLUMN = "classes_missing_from_split"
+CLASSES_COLUMN = "classes_in_dataset"
+UNLISTED_COLUMN = "unlisted_files"
+# A rule's setting -> GX's severity of its expectation ("ignore" adds no expectation).
+GX_SEVERITY = {"error": "critical", "warning": "warning"}
 
 
 class DataValidationError(ValueError):
@@ -92,6 +108,8 @@ class Check:
     explain: Callable[[pd.Series], str] | None = None
     file: Callable[[pd.Series], str] = _image_file
     table: Callable[[dict], list[dict]] | None = None
+    # "warning": a failure is reported but does not fail validation (a ``validation.*`` rule).
+    severity: str = "error"
 
 
 def validate(cfg: ExperimentConfig, data_root: Path, out_dir: Path) -> dict:
@@ -103,10 +121,12 @@ def validate(cfg: ExperimentConfig, data_root: Path, out_dir: Path) -> dict:
     data_root, out_dir = Path(data_root), Path(out_dir)
     _check_replaceable(out_dir)
     with atomic_directory(out_dir, replace=True) as work:
-        summary = _run(cfg.data, data_root, work, out_dir)
+        summary = _run(cfg, data_root, work, out_dir)
         (work / RESULT_FILE).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     if not summary["success"]:
         raise DataValidationError(failure_message(summary, data_root, out_dir))
+    for entry in summary["warnings"]:
+        log.warning("%s: %s", entry["file"], entry["reason"])
     log.info("data validation of %s passed (%s suite): %d samples", data_root, summary["task"], summary["images"])
     return summary
 
@@ -118,11 +138,13 @@ def _check_replaceable(out_dir: Path) -> None:
         )
 
 
-def _run(data: DataConfig, data_root: Path, work: Path, out_dir: Path) -> dict:
+def _run(cfg: ExperimentConfig, data_root: Path, work: Path, out_dir: Path) -> dict:
     """Everything but the final rename: read, build the manifest, plan splits, run the suite."""
+    data = cfg.data
     try:
         data = resolve_data_config(data, data_root)
         samples = read_dataset(data, data_root)
+        unlisted = unlisted_files(data, data_root, samples)
     # The readers raise FileNotFoundError / DatasetFormatError (a ValueError) naming the file.
     except (OSError, ValueError) as err:
         log.error("cannot read the dataset at %s: %s", data_root, err)
@@ -131,8 +153,10 @@ def _run(data: DataConfig, data_root: Path, work: Path, out_dir: Path) -> dict:
                               link_roots=data.link_roots)
     manifest, plan_problem = with_planned_splits(manifest, samples, data, data_root)
     manifest.to_csv(work / MANIFEST_FILE, index=False)
-    frame = with_derived_columns(manifest, data)
+    frame = with_derived_columns(manifest, data, len(unlisted))
     checks = suite_checks(frame, data, plan_problem)
+    checks += dataset_checks(_import_gx().expectations, frame, data, cfg.validation,
+                             {relative_path(data_root, path): where for path, where in unlisted.items()})
     suite = SUITE_NAMES[data.task]
     results = run_suite(frame, checks, work / DOCS_DIR, suite)
     return summarise(frame, checks, results, data, suite, data_root, out_dir, plan_problem)
@@ -187,13 +211,15 @@ def _key(sample: Sample) -> tuple:
 # --- the suites -----------------------------------------------------------------------------
 
 
-def with_derived_columns(manifest: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
+def with_derived_columns(manifest: pd.DataFrame, data: DataConfig, unlisted: int = 0) -> pd.DataFrame:
     """Columns the suite needs beyond the manifest's facts.
 
     ``row`` identifies rows in GX results; ``sample_id`` is a sample's identity (file, slice);
     the two ``splits_with_same_*`` count the splits holding each content hash and each patient
     (more than one is a leak); ``mask_matches_image``, ``mask_binary`` and ``mask_in_classes``
-    judge masks by the task's classes.
+    judge masks by the task's classes. The dataset-wide columns: ``classes_missing_from_split``
+    (the classes no sample of the row's split shows, "" when none), ``classes_in_dataset`` and
+    ``unlisted_files`` (the same on every row: GX judges them with column min/max expectations).
     """
     frame = manifest.copy()
     frame.insert(0, "row", np.arange(len(frame)))
@@ -211,7 +237,49 @@ def with_derived_columns(manifest: pd.DataFrame, data: DataConfig) -> pd.DataFra
         lut = mask_policy(data).lut
         top = data.num_classes if lut is None else len(lut)
         frame["mask_in_classes"] = _judge_masks(frame, decoded, lambda r: 0 <= r["mask_min"] and r["mask_max"] < top)
+    shown = shown_classes(frame, data)
+    missing = classes_missing(frame, shown, data)
+    frame[MISSING_CLASSES_COLUMN] = frame["split"].map(lambda split: ", ".join(missing.get(split, []))).fillna("")
+    present = set().union(*shown) if len(shown) else set()
+    # Segmentation: background is always there; its classes to tell apart are the structures.
+    frame[CLASSES_COLUMN] = len(present) + (data.task == "segmentation")
+    frame[UNLISTED_COLUMN] = unlisted
     return frame
+
+
+def shown_classes(frame: pd.DataFrame, data: DataConfig) -> pd.Series:
+    """Per row, the classes the sample shows: its label (classification) or the structures its
+    mask holds (segmentation: class indices above 0, read from the mask's recorded values the way
+    preprocessing maps them: thresholded when binary, through the format's table where it has one)."""
+    classes = range(data.num_classes)
+    if data.task == "classification":
+        return frame["label"].map(lambda label: frozenset({int(label)} & set(classes)) if pd.notna(label)
+                                  else frozenset())
+    lut = mask_policy(data).lut
+
+    def structures(row: pd.Series) -> frozenset[int]:
+        if pd.isna(row["mask_decoded"]) or not row["mask_decoded"] or pd.isna(row["mask_max"]):
+            return frozenset()
+        if data.num_classes == 2:
+            top = int(row["mask_max"])
+            return frozenset({1}) if top == 1 or top >= data.mask_threshold else frozenset()
+        values = [int(v) for v in str(row["mask_values"]).split(",") if v.isdigit()]
+        mapped = {int(lut[v]) for v in values if v < len(lut)} if lut is not None else set(values)
+        return frozenset(c for c in mapped if 0 < c < data.num_classes)
+
+    return frame.apply(structures, axis=1) if len(frame) else pd.Series([], dtype=object)
+
+
+def classes_missing(frame: pd.DataFrame, shown: pd.Series, data: DataConfig) -> dict[str, list[str]]:
+    """Per split holding samples, ``"<index> (<name>)"`` of each class none of them shows."""
+    expected = range(data.num_classes) if data.task == "classification" else range(1, data.num_classes)
+    missing = {}
+    for split in SPLITS:
+        rows = (frame["split"] == split).fillna(False).to_numpy(dtype=bool)
+        if rows.any():
+            present = set().union(*shown[rows])
+            missing[split] = [f"{c} ({data.class_names[c]})" for c in expected if c not in present]
+    return missing
 
 
 def _judge_masks(frame: pd.DataFrame, decoded: pd.Series, judge: Callable[[pd.Series], bool]) -> pd.Series:
@@ -361,6 +429,52 @@ def split_checks(gxe: Any, frame: pd.DataFrame, data: DataConfig, plan_problem: 
     return checks
 
 
+def dataset_checks(gxe: Any, frame: pd.DataFrame, data: DataConfig, rules: ValidationConfig,
+                   unlisted: dict[str, str]) -> list[Check]:
+    """The ``validation.*`` rules over the dataset as a whole, each an expectation of the rule's
+    severity (none for "ignore"), explained per split, per dataset or per unlisted file."""
+    from great_expectations.expectations.row_conditions import Column
+
+    checks = []
+
+    def add(rule: str, expectation: Any, table: Callable[[dict], list[dict]]) -> None:
+        severity = getattr(rules, rule)
+        if severity == "ignore":
+            return
+        expectation.severity = GX_SEVERITY[severity]
+        expectation.notes = f"validation.{rule} = {severity} (error fails validation, warning reports it)"
+        checks.append(Check(expectation, table=table, severity=severity))
+
+    def missing_in(split: str, rule: str) -> Callable[[dict], list[dict]]:
+        def entries(result: dict) -> list[dict]:
+            names = frame.loc[frame["split"] == split, MISSING_CLASSES_COLUMN].iloc[0]
+            what = "mask shows" if data.task == "segmentation" else "sample is of"
+            return [{"file": "(splits)", "reason": f"no {split} {what} class {names} (validation.{rule})",
+                     "column": MISSING_CLASSES_COLUMN}]
+        return entries
+
+    for split in SPLITS:
+        rule = "class_missing_from_train" if split == "train" else "class_missing_from_eval"
+        add(rule, gxe.ExpectColumnValuesToBeInSet(column=MISSING_CLASSES_COLUMN, value_set=[""],
+                                                  row_condition=Column("split") == split),
+            missing_in(split, rule))
+
+    def one_class(result: dict) -> list[dict]:
+        if data.task == "segmentation":
+            reason = "every mask is background only: nothing to segment"
+        else:
+            labels = sorted(set(frame["label"].dropna()) & set(range(data.num_classes)))
+            reason = (f"every sample is of class {labels[0]} ({data.class_names[labels[0]]})" if labels
+                      else "no sample has a usable label") + ": nothing to tell apart"
+        return [{"file": "(dataset)", "reason": f"{reason} (validation.single_class)", "column": CLASSES_COLUMN}]
+
+    add("single_class", gxe.ExpectColumnMinToBeBetween(column=CLASSES_COLUMN, min_value=2), one_class)
+    add("unlisted_files", gxe.ExpectColumnMaxToBeBetween(column=UNLISTED_COLUMN, max_value=0),
+        lambda result: [{"file": file, "reason": f"in a split folder but not listed in {where}, so never read "
+                         "(validation.unlisted_files)", "column": UNLISTED_COLUMN} for file, where in unlisted.items()])
+    return checks
+
+
 # --- running GX -----------------------------------------------------------------------------
 
 
@@ -456,12 +570,13 @@ def summarise(
 
     A split planner's objection fails validation even when every expectation passed (the splits
     the dataset names may all be there while the settings cannot carve the rest)."""
-    expectations = [_expectation_summary(result) for result in results]
-    offending = offending_rows(frame, checks, results)
+    expectations = [{**_expectation_summary(result), "severity": check.severity}
+                    for check, result in zip(checks, results)]
+    offending = offending_rows(frame, checks, results, "error")
     if plan_problem and not any(plan_problem in e["reason"] for e in offending):
         offending.append({"file": "(splits)", "reason": plan_problem, "column": "split"})
     return {
-        "success": all(e["success"] for e in expectations) and not plan_problem,
+        "success": all(e["success"] for e in expectations if e["severity"] == "error") and not plan_problem,
         "stage": "suite",
         "data_root": str(data_root),
         "format": data.format,
@@ -476,7 +591,15 @@ def summarise(
         "expectations": expectations,
         "split_planner": plan_problem or "ok",
         "offending": offending,
+        "warnings": offending_rows(frame, checks, results, "warning"),
+        "data_settings": gate_settings(data),
     }
+
+
+def gate_settings(data: DataConfig) -> dict[str, Any]:
+    """The settings of :data:`GATE_SETTINGS`, as JSON, for the report."""
+    dumped = data.model_dump(mode="json")
+    return {key: dumped[key] for key in GATE_SETTINGS}
 
 
 def unreadable_summary(err: Exception, data: DataConfig, data_root: Path) -> dict:
@@ -495,6 +618,8 @@ def unreadable_summary(err: Exception, data: DataConfig, data_root: Path) -> dic
         "expectations": [],
         "error": f"{type(err).__name__}: {err}",
         "offending": [blame(str(err), data_root)],
+        "warnings": [],
+        "data_settings": gate_settings(data),
     }
 
 
@@ -526,11 +651,12 @@ def _expectation_summary(result: dict) -> dict:
     return summary
 
 
-def offending_rows(frame: pd.DataFrame, checks: list[Check], results: list[dict]) -> list[dict]:
-    """``{"file", "reason", "column"}`` for every rejection of every failed check, sorted by file."""
+def offending_rows(frame: pd.DataFrame, checks: list[Check], results: list[dict], severity: str = "error") -> list[dict]:
+    """``{"file", "reason", "column"}`` for every rejection of every failed check of ``severity``,
+    sorted by file."""
     entries: dict[tuple[str, str], dict] = {}
     for check, result in zip(checks, results):
-        if result["success"]:
+        if result["success"] or check.severity != severity:
             continue
         for entry in _explain(frame, check, result):
             entries.setdefault((entry["file"], entry["reason"]), entry)
@@ -555,7 +681,8 @@ def failure_message(summary: dict, data_root: Path, out_dir: Path) -> str:
     if summary["stage"] == "read":
         head = f"data validation of {data_root} failed: the dataset cannot be read ({summary['error']}). {details}"
     else:
-        failed = [f"{e['expectation']}({e['kwargs'].get('column')})" for e in summary["expectations"] if not e["success"]]
+        failed = [f"{e['expectation']}({e['kwargs'].get('column')})" for e in summary["expectations"]
+                  if not e["success"] and e["severity"] == "error"]
         if summary["split_planner"] != "ok":
             failed.append("split planner")
         head = (f"data validation of {data_root} failed ({len(lines)} problem(s); {summary['suite']} suite, "

@@ -4,7 +4,8 @@ Every reader returns :class:`~dvpt_core.data.records.Sample` records and only ch
 (folders, names, list files, volume headers); decoding pixels is left to ``pixels`` and content
 checks to the manifest, so a bad image is reported with all the others instead of stopping the
 first read. ``data.format: auto`` picks the first format whose layout the root matches, most
-specific first.
+specific first. Formats whose lists name the files (DDR's ``<split>.txt``, a ``csv`` table) can
+also say which image files lie in their folders unlisted (``FormatSpec.unlisted``).
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ class FormatSpec:
 
     detect: Callable[[Path, DataConfig], bool]
     read: Callable[[Path, DataConfig], list[Sample]]
+    # Image files in the folders the lists draw from that no list names, each with the list that
+    # would name it; None where the format reads every file of its layout.
+    unlisted: Callable[[Path, DataConfig, list[Sample]], dict[Path, str]] | None = None
 
 
 # In detection order: published layouts first, the generic table and folder last.
 FORMATS: dict[str, FormatSpec] = {
-    "ddr": FormatSpec(ddr.detect, ddr.read),
+    "ddr": FormatSpec(ddr.detect, ddr.read, ddr.unlisted),
     "isic2016": FormatSpec(isic.detect, isic.read),
     "acdc": FormatSpec(acdc.detect, acdc.read),
     "synapse": FormatSpec(synapse.detect, synapse.read),
     "kvasir": FormatSpec(kvasir.detect, kvasir.read),
-    "csv": FormatSpec(table.detect, table.read),
+    "csv": FormatSpec(table.detect, table.read, table.unlisted),
     "folder": FormatSpec(folder.detect, folder.read),
 }
 
@@ -80,6 +84,12 @@ def read_dataset(data: DataConfig, root: Path) -> list[Sample]:
     return samples
 
 
+def unlisted_files(data: DataConfig, root: Path, samples: list[Sample]) -> dict[Path, str]:
+    """Image files beside the listed ones that the format's lists do not name (see ``FormatSpec``)."""
+    spec = FORMATS[resolve_data_config(data, root).format]
+    return {} if spec.unlisted is None else spec.unlisted(Path(root), data, samples)
+
+
 def check_task(samples: list[Sample], data: DataConfig) -> None:
     """Classification needs labels, segmentation masks: say which key to change if they do not match."""
     key = "mask" if data.task == "segmentation" else "label"
@@ -97,4 +107,5 @@ def mask_policy(data: DataConfig) -> MaskPolicy:
     return MaskPolicy(num_classes=data.num_classes, threshold=data.mask_threshold, lut=lut)
 
 
-__all__ = ["FORMATS", "DatasetFormatError", "detect_format", "mask_policy", "read_dataset", "resolve_data_config"]
+__all__ = ["FORMATS", "DatasetFormatError", "detect_format", "mask_policy", "read_dataset", "resolve_data_config",
+           "unlisted_files"]

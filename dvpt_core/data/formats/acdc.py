@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from dvpt_core.config import DataConfig
-from dvpt_core.data.formats.common import DatasetFormatError, require_dir
+from dvpt_core.data.formats.common import DatasetFormatError, read_list_text, require_dir
 from dvpt_core.data.records import Sample
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def parse_info(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise DatasetFormatError(f"{path} does not exist (every ACDC patient folder has one)")
     info = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_list_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         key, sep, value = line.partition(":")

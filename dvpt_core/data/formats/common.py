@@ -1,9 +1,11 @@
-"""What several format readers share: the error type, image suffixes, pairing images with masks."""
+"""What several format readers share: the error type, image suffixes, reading list files, pairing
+images with masks."""
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from typing import Any
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 # Split folder names users give, mapped to the split names every step uses.
 SPLIT_DIRS = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
+BOM = "\ufeff"
 
 
 class DatasetFormatError(ValueError):
@@ -23,12 +26,43 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def read_list_text(path: Path) -> str:
+    """A list file's text: UTF-8, a leading byte-order mark (Windows editors write one) dropped.
+
+    Anything else is refused naming the file and line: bytes that are not UTF-8 (a list saved in
+    a legacy code page), and a byte-order mark inside the text (lists concatenated with their
+    marks), which would otherwise become an invisible first character of a file name.
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetFormatError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}); "
+            "save the list as UTF-8"
+        ) from None
+    if BOM in text:
+        line = text[:text.index(BOM)].count("\n") + 1
+        raise DatasetFormatError(f"{path}:{line}: a byte-order mark (U+FEFF) inside the text, e.g. from "
+                                 "concatenated lists; remove it")
+    return text
+
+
 def image_files(folder: Path) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name (hidden files skipped)."""
     return sorted(
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
+
+
+def unreferenced_images(folders: Iterable[Path], referenced: Iterable[Path]) -> list[Path]:
+    """The image files directly inside ``folders`` that are not among ``referenced``, by normalised path."""
+    known = {os.path.normpath(p) for p in referenced}
+    return [p for folder in sorted(set(folders)) if folder.is_dir()
+            for p in image_files(folder) if os.path.normpath(p) not in known]
 
 
 def matching_files(folder: Path, pattern: re.Pattern[str]) -> list[tuple[Path, re.Match[str]]]:

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from dvpt_core.data.formats.common import DatasetFormatError, check_arrays, check_same_shape
+from dvpt_core.data.manifest import describe_error
 from dvpt_core.data.records import Sample
 
 # Files that hold a whole volume; a sample's ``slice_index`` selects its slice. NIfTI stores
@@ -108,16 +109,24 @@ def read_mask(path: Path, policy: MaskPolicy) -> np.ndarray:
             f"{path}: a JPEG mask is lossy, so it can only be thresholded into a binary mask, but "
             f"data.class_names has {policy.num_classes} classes; save multi-class masks as PNG"
         )
-    with Image.open(path) as image:
-        if image.mode in INDEX_MODES:
-            values = np.asarray(image).astype(np.int64)
-        elif policy.num_classes == 2:
-            values = np.asarray(image.convert("L")).astype(np.int64)
-        else:
-            raise DatasetFormatError(
-                f"{path}: a {image.mode} mask cannot hold {policy.num_classes} class indices; "
-                "save it as a single-channel or palette PNG whose values are the class indices"
-            )
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode in INDEX_MODES:
+                values = np.asarray(image).astype(np.int64)
+            elif policy.num_classes == 2:
+                values = np.asarray(image.convert("L")).astype(np.int64)
+            else:
+                values = None
+    # Pillow: UnidentifiedImageError (an OSError) for what it cannot identify, OSError for a
+    # truncated or corrupt file; neither names the file by itself.
+    except OSError as err:
+        raise DatasetFormatError(f"{path}: unreadable mask ({describe_error(err)}); run the validate step") from None
+    if values is None:
+        raise DatasetFormatError(
+            f"{path}: a {mode} mask cannot hold {policy.num_classes} class indices; "
+            "save it as a single-channel or palette PNG whose values are the class indices"
+        )
     return to_label_map(values, policy, path)
 
 

@@ -4,16 +4,18 @@
 ``image`` (a path relative to the root) and, for classification, ``label`` (a class index or a
 name from ``data.class_names``) or, for segmentation, ``mask`` (a path). Optional columns:
 ``split`` (train / valid / val / test; empty = carve it) and ``group`` (a patient id, so one
-patient's images never straddle splits).
+patient's images never straddle splits). The table is UTF-8 (a leading byte-order mark is
+accepted); an image beside the listed ones that the table does not name is "unlisted".
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from dvpt_core.config import DataConfig
-from dvpt_core.data.formats.common import SPLIT_DIRS, DatasetFormatError
+from dvpt_core.data.formats.common import SPLIT_DIRS, DatasetFormatError, read_list_text, unreferenced_images
 from dvpt_core.data.records import Sample
 
 
@@ -26,18 +28,23 @@ def read(root: Path, data: DataConfig) -> list[Sample]:
     if not table.is_file():
         raise DatasetFormatError(f"{table} does not exist (data.csv_file={data.csv_file!r})")
     target = "mask" if data.task == "segmentation" else "label"
-    with table.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"image", target} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetFormatError(
-                f"{table}: no {', '.join(sorted(missing))} column for data.task={data.task} "
-                f"(columns: {', '.join(reader.fieldnames or [])})"
-            )
-        samples = [parse_row(row, root, f"{table}:{number}", data) for number, row in enumerate(reader, start=2)]
+    reader = csv.DictReader(io.StringIO(read_list_text(table), newline=""))
+    missing = {"image", target} - set(reader.fieldnames or [])
+    if missing:
+        raise DatasetFormatError(
+            f"{table}: no {', '.join(sorted(missing))} column for data.task={data.task} "
+            f"(columns: {', '.join(reader.fieldnames or [])})"
+        )
+    samples = [parse_row(row, root, f"{table}:{number}", data) for number, row in enumerate(reader, start=2)]
     if not samples:
         raise DatasetFormatError(f"{table}: no rows")
     return samples
+
+
+def unlisted(root: Path, data: DataConfig, samples: list[Sample]) -> dict[Path, str]:
+    """Images in the folders the table draws from (its images' and masks') that it does not name."""
+    files = [p for s in samples for p in (s.path, s.mask) if p is not None]
+    return dict.fromkeys(unreferenced_images({p.parent for p in files}, files), data.csv_file)
 
 
 def parse_row(row: dict[str, str], root: Path, where: str, data: DataConfig) -> Sample:

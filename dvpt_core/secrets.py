@@ -1,0 +1,99 @@
+"""Credentials inside URIs: masked wherever a URI is shown or stored, stripped where it is shipped.
+
+MLflow, databases and object stores accept credentials inside a URI (``http://user:pass@host``,
+``postgresql://user:pass@db/mlflow``) or in its query (``?token=...``, a presigned URL's
+``X-Amz-Signature``). Such a URI must reach neither stdout, logs, run files, MLflow params nor a
+compiled pipeline: :func:`mask_uri` and :func:`mask_text` replace the secret parts with ``***``
+for people to read, and :func:`strip_credentials` drops them from a URI that must still work,
+its credentials then coming from the environment (MLflow reads ``MLFLOW_TRACKING_USERNAME``,
+``MLFLOW_TRACKING_PASSWORD`` and ``MLFLOW_TRACKING_TOKEN``) or a secret store.
+
+Hand-written on ``urllib.parse``: a URI is rewritten only where it holds a secret, and otherwise
+left byte for byte as written (re-encoding it would change what a user recognises).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+MASK = "***"
+# Where MLflow's client takes credentials from when the tracking URI carries none.
+MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# Query parameters whose value is a secret (matched on the name, case-insensitively).
+SECRET_QUERY_NAME = re.compile(
+    r"token|secret|passw(or)?d|pwd|signature|credential|api[-_]?key|^key$|^sig$|^auth", re.IGNORECASE
+)
+# A URI inside free text: scheme://, then anything up to whitespace or a quote. Trailing
+# punctuation may come along; it stays where it was, after the masked part.
+URI_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with the password of its user info and every secret query value replaced by ``***``."""
+    return _rewrite(uri, keep_user=True, keep_secrets=False)
+
+
+def strip_credentials(uri: str) -> str:
+    """``uri`` without its user info and without secret query parameters: what may be shipped
+    to a machine that takes the credentials from its environment instead."""
+    return _rewrite(uri, keep_user=False, keep_secrets=None)
+
+
+def has_credentials(uri: str) -> bool:
+    return strip_credentials(uri) != uri
+
+
+def mask_text(text: str) -> str:
+    """``text`` with every URI in it masked (:func:`mask_uri`): for messages, logs and printed results."""
+    return URI_IN_TEXT.sub(lambda match: mask_uri(match.group(0)), text)
+
+
+def _rewrite(uri: str, *, keep_user: bool, keep_secrets: bool | None) -> str:
+    """``keep_secrets``: False masks secret query values, None drops those parameters."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # e.g. an unbalanced IPv6 bracket: not a URI we can take apart
+        return uri
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        if not keep_user:
+            netloc = host
+        elif has_password:
+            netloc = f"{user}:{MASK}@{host}"
+    query = _rewrite_query(parts.query, keep_secrets)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _rewrite_query(query: str, keep_secrets: bool | None) -> str:
+    kept = []
+    for item in query.split("&") if query else []:
+        name, has_value, _ = item.partition("=")
+        if not SECRET_QUERY_NAME.search(name):
+            kept.append(item)
+        elif keep_secrets is False:
+            kept.append(f"{name}={MASK}" if has_value else item)
+    return "&".join(kept)
+
+
+class MaskSecrets(logging.Filter):
+    """A handler filter that masks URIs in every record it passes (any logger's, libraries' too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def mask_logging(logger: logging.Logger | None = None) -> None:
+    """Install :class:`MaskSecrets` on every handler of ``logger`` (default: the root logger)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, MaskSecrets) for f in handler.filters):
+            handler.addFilter(MaskSecrets())
