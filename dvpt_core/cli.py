@@ -89,6 +89,12 @@ def cmd_train(args: argparse.Namespace) -> dict:
     return train(config_from_args(args), args.cache, args.out, data_root=args.data, validation_dir=args.validation)
 
 
+def cmd_sync(args: argparse.Namespace) -> dict:
+    from dvpt_core.steps.sync import sync
+
+    return sync(config_from_args(args), args.train)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from dvpt_core.steps.evaluate import evaluate
 
@@ -158,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         optional=("data", "validation"), cache="preprocessed cache folder", out="folder for the adapter and run.json",
         data="dataset folder, for the DVC lineage hash (optional)",
         validation="the validate step's folder, logged to the run (optional)")
+    add("sync", cmd_sync, "send a finished train step's results MLflow has not received yet (after an outage)",
+        train="train step folder")
     add("evaluate", cmd_evaluate, "score the adapter on the test split",
         cache="preprocessed cache folder", train="train step folder", out="metrics folder")
     add("export", cmd_export, "export backbone + adapter to ONNX and check parity",

@@ -251,6 +251,9 @@ class ModelConfig(_Strict):
     # The paper only says "initialized randomly"; these are the authors' released values.
     prompt_init_std: float = Field(default=1.0, ge=0)
     prompt_pos_init_std: float | None = Field(default=None, ge=0, description="None: d ** -0.5")
+    # Normalise inputs with the backbone's pretraining mean/std. False feeds [0, 1] pixels, as the
+    # authors' released Swin training script does (it only applies ToTensor).
+    normalise: bool = True
     # Keep the backbone's own frozen head as a projection before the classifier
     # (CLIP: 768 -> 512). None decides from the backbone: True for CLIP image towers.
     frozen_projection: bool | None = None
@@ -322,13 +325,19 @@ class TrainConfig(_Strict):
     vflip: bool = True
     # Random-resized-crop scale range; (1, 1) disables cropping.
     crop_scale: tuple[float, float] = (0.8, 1.0)
+    # Further augmentation, off by default; the authors' released Swin script uses rotations of up
+    # to 180 degrees, translations of 10% and colour jitter (brightness, contrast, saturation, hue)
+    # of (0.2, 0.2, 0.1, 0.1): see the ddr-paper-swin preset.
+    rotation: float = Field(default=0.0, ge=0, le=180)
+    translate: float = Field(default=0.0, ge=0, lt=1)
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     # Stop after this many optimiser steps per epoch (None: the whole split). For smoke runs.
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
 
 
 class PretrainConfig(_Strict):
     """The stand-in foundation model (``model.weights=stand-in``): ``model``'s architecture
-    (backbone, backbone_kwargs, image_size, init_seed) trained from scratch, fully, on the
+    (backbone, backbone_kwargs, image_size) trained from scratch (initialised with ``seed``), fully, on the
     synthetic SOURCE task (``dvpt_core.data.synthetic.source``: coloured dots on cluttered scenes,
     8 classes; a different domain and task from the target). Sizes are images per class-balanced
     split; the optimisation mirrors ``train``'s. Deterministic for given settings, so the step's
@@ -352,6 +361,13 @@ class TrackingConfig(_Strict):
     experiment: str = "dvpt"
     registered_model: str = "dvpt-adapter"
     alias: str = "challenger"
+    # Every call to a tracking server is bounded (seconds, not MLflow's default of minutes): a
+    # request waits at most ``request_timeout_s`` and is retried ``request_retries`` times. A run
+    # whose server went away during training is finished locally, then synced for up to
+    # ``sync_wait_s`` before the step fails with the command that syncs it later (`dvpt sync`).
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    request_retries: int = Field(default=2, ge=0)
+    sync_wait_s: float = Field(default=60.0, ge=0)
     # Inside `dvc exp run` the register step records the run but creates no model version (and
     # moves no alias) unless this is true: trying settings should not touch the registry.
     register_experiments: bool = False

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import subprocess
+import urllib.error
+import urllib.request
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,16 +18,58 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dvpt_core.config import ExperimentConfig
+from dvpt_core.secrets import mask_uri
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
-def connect(cfg: ExperimentConfig) -> str:
-    """Point MLflow at the configured store and experiment; returns the tracking URI used."""
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached; the message names it (credentials masked)."""
+
+
+def bound_requests(cfg: ExperimentConfig) -> None:
+    """Bound every MLflow HTTP call of this process (unless the user set MLflow's own variables):
+    MLflow's defaults retry 7 times with exponential back-off, minutes before an error."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(math.ceil(cfg.tracking.request_timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.tracking.request_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def server_is_up(uri: str, timeout: float) -> bool:
+    """An HTTP(S) tracking server answers ``/health``; any other store (a database URI, a local
+    path) is always up as far as this check can tell."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def check_server(cfg: ExperimentConfig) -> str:
+    """The resolved tracking URI, after checking (within ``tracking.request_timeout_s``) that its
+    server answers; raises :class:`TrackingUnavailable` with a one-line reason otherwise."""
     uri = cfg.tracking.resolved_uri()
+    if not server_is_up(uri, cfg.tracking.request_timeout_s):
+        raise TrackingUnavailable(
+            f"the MLflow tracking server at {mask_uri(uri)} does not answer within "
+            f"{cfg.tracking.request_timeout_s:g} s: start it, or point tracking.tracking_uri / "
+            "$MLFLOW_TRACKING_URI at one that runs"
+        )
+    return uri
+
+
+def connect(cfg: ExperimentConfig) -> str:
+    """Point MLflow at the configured store and experiment (checked, with bounded requests);
+    returns the tracking URI used."""
+    bound_requests(cfg)
+    uri = check_server(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     return uri
@@ -33,7 +78,8 @@ def connect(cfg: ExperimentConfig) -> str:
 def resume_run(cfg: ExperimentConfig, run_id: str) -> mlflow.ActiveRun:
     """Re-open the train step's run in the experiment that run belongs to (not whatever
     experiment the configuration or environment names), so later steps always add to it."""
-    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
+    bound_requests(cfg)
+    mlflow.set_tracking_uri(check_server(cfg))
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow.start_run(run_id=run_id)
@@ -72,8 +118,11 @@ def git_commit(cwd: Path | None = None) -> str:
 
 
 def write_run_file(out_dir: Path, payload: dict[str, Any]) -> Path:
+    """Atomically: a reader never sees half a ``run.json``."""
     path = Path(out_dir) / RUN_FILE
-    path.write_text(json.dumps(payload, indent=2))
+    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
     return path
 
 
@@ -100,8 +149,8 @@ def dvc_experiment() -> str:
 SPLIT_CONTEXTS = {"train": "training", "valid": "validation", "test": "testing"}
 
 
-def log_dataset_inputs(splits_csv: Path, data_root: Path | None, digest: str, commit: str) -> None:
-    """Each split as an MLflow dataset input of the active run: its rows of ``splits.csv`` (paths,
+def log_dataset_inputs(run_id: str, splits_csv: Path, data_root: Path | None, digest: str, commit: str) -> None:
+    """Each split as an MLflow dataset input of the run: its rows of ``splits.csv`` (paths,
     labels, content hashes) as the dataset, the DVC hash of the data as its digest, and the data
     path at the git revision as its source."""
     if not Path(splits_csv).is_file():
@@ -110,6 +159,7 @@ def log_dataset_inputs(splits_csv: Path, data_root: Path | None, digest: str, co
     table = pd.read_csv(splits_csv, dtype=str, keep_default_na=False)
     where = str(Path(data_root).resolve()) if data_root else str(Path(splits_csv).resolve().parent)
     name = Path(where).name
+    inputs = []
     for split, context in SPLIT_CONTEXTS.items():
         rows = table[table["split"] == split].reset_index(drop=True)
         with warnings.catch_warnings():
@@ -117,4 +167,5 @@ def log_dataset_inputs(splits_csv: Path, data_root: Path | None, digest: str, co
             warnings.filterwarnings("ignore", message="The specified dataset source", category=UserWarning)
             dataset = mlflow.data.from_pandas(rows, source=f"{where}@{commit}", name=f"{name}:{split}",
                                               digest=digest)
-        mlflow.log_input(dataset, context=context)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)

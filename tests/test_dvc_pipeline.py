@@ -37,23 +37,43 @@ def _tiny_params(tracking_uri: str) -> dict:
         for section in sections:
             node = node.setdefault(section, {})
         node[leaf] = yaml.safe_load(value)
+    # dvc.yaml's stages track these sections; DVC needs them present (empty: the schema's defaults).
+    for section in ("data", "pretrain", "export"):
+        params.setdefault(section, {})
+    params["model"].setdefault("backbone_kwargs", {})
     return params
 
 
+def _git(project: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], cwd=project,
+                   check=True, capture_output=True)
+
+
+def _find(tree: object, key: str) -> list:
+    """Every value stored under ``key`` anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        return [v for k, v in tree.items() if k == key] + [x for v in tree.values() for x in _find(v, key)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _find(v, key)]
+    return []
+
+
 @pytest.mark.slow
-def test_dvc_repro_registers_a_challenger_that_predicts_like_the_model(tmp_path, mlflow_server) -> None:
+def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp_path, mlflow_server) -> None:
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(ROOT / "dvc.yaml", project)
+    shutil.copy(ROOT / ".gitignore", project)
     shutil.copytree(ROOT / "dvpt_core", project / "dvpt_core", ignore=shutil.ignore_patterns("__pycache__"))
     (project / "params.yaml").write_text(yaml.safe_dump(_tiny_params(mlflow_server)))
-    assert _dvc(project, "init", "--no-scm", "-q").returncode == 0
+    _git(project, "init", "-q")
+    assert _dvc(project, "init", "-q").returncode == 0
     subprocess.run([sys.executable, "-m", "dvpt_core.cli", "generate-data", "--params", "params.yaml",
                     "--out", "data"], cwd=project, check=True, capture_output=True)
     assert _dvc(project, "add", "data").returncode == 0
     repro = _dvc(project, "repro")
     assert repro.returncode == 0, repro.stdout + repro.stderr
-    for stage in ("validate", "preprocess", "train", "evaluate", "export", "register"):
+    for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register"):
         assert f"Running stage '{stage}'" in repro.stdout
 
     registered = json.loads((project / "outputs/registry/registered.json").read_text())
@@ -64,10 +84,14 @@ def test_dvc_repro_registers_a_challenger_that_predicts_like_the_model(tmp_path,
     assert json.loads((project / "outputs/export/export.json").read_text())["max_abs_diff"] <= 1e-4
 
     mlflow.set_tracking_uri(mlflow_server)
-    version = mlflow.MlflowClient().get_model_version_by_alias("dvc-tiny", "challenger")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("dvc-tiny", "challenger")
     assert version.version == registered["version"]
     assert version.tags["random_weights"] == "true"
-    assert version.tags["data_dvc_md5"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    data_md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert version.tags["data_dvc_md5"] == data_md5
+    run = client.get_run(version.run_id)
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {data_md5}
     pyfunc = mlflow.pyfunc.load_model("models:/dvc-tiny@challenger")
     model = load_adapter(project / "outputs/train/adapter")
     split = CachedSplit(project / "outputs/cache/test", model.info.mean, model.info.std)
@@ -78,3 +102,19 @@ def test_dvc_repro_registers_a_challenger_that_predicts_like_the_model(tmp_path,
 
     again = _dvc(project, "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout
+
+    # An experiment re-runs only what train.epochs feeds, keeps its metrics and leaves the registry alone.
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "baseline")
+    exp = _dvc(project, "exp", "run", "-S", "train.epochs=2")
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    ran = {stage for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register")
+           if f"Running stage '{stage}'" in exp.stdout}
+    assert ran == {"train", "evaluate", "export", "register"}
+    shown = _dvc(project, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    kappas = _find(json.loads(shown.stdout), "kappa")
+    assert len(kappas) >= 2 and all(isinstance(k, float) for k in kappas)
+    assert [v.version for v in client.search_model_versions("name='dvc-tiny'")] == [registered["version"]]
+    plots = _dvc(project, "plots", "show", "--json")
+    assert plots.returncode == 0 and "outputs/train/history.csv" in plots.stdout

@@ -93,7 +93,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     generate_dataset(root / "data", cfg)
     (root / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DVC_MD5, "path": "data"}]}))
     validate(cfg, root / "data", root / "validation")
-    preprocess(cfg, root / "data", root / "cache")
+    preprocess(cfg, root / "data", root / "cache", root / "validation")
     return {"root": root, "data": root / "data", "validation": root / "validation", "cache": root / "cache"}
 
 
@@ -174,3 +174,42 @@ def test_stand_in_needs_a_weights_file() -> None:
 
     with pytest.raises(ConfigError, match="model.weights=stand-in needs model.weights_file"):
         tiny_config("model.weights=stand-in")
+
+
+# --- the released Swin script's choices, as settings ------------------------------------------------
+
+
+def test_frozen_stochastic_depth_follows_the_model_mode_and_nothing_else_does() -> None:
+    from timm.layers import DropPath
+
+    model = build_model(tiny_config("model.method=dvpt", "model.backbone_kwargs={drop_path_rate: 0.5}"))
+    model.train()
+    drop_paths = [m for m in model.backbone.modules() if isinstance(m, DropPath)]
+    assert drop_paths and all(m.training for m in drop_paths)
+    assert not model.backbone.norm.training and not model.backbone.blocks[0].attn.training
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    first = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(first, model(x))
+    model.eval()
+    assert not any(m.training for m in drop_paths) and torch.equal(model(x), model(x))
+
+
+def test_unnormalised_inputs_and_the_released_augmentations() -> None:
+    from dvpt_core.data.transforms import apply, build_transform
+
+    cfg = tiny_config("model.normalise=false", "train.rotation=180", "train.translate=0.1",
+                      "train.color_jitter=[0.2, 0.2, 0.1, 0.1]", "train.crop_scale=[1.0, 1.0]")
+    info = build_model(cfg).info
+    assert info.mean == (0.0, 0.0, 0.0) and info.std == (1.0, 1.0, 1.0)
+    transform = build_transform(32, info.mean, info.std, cfg.train)
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    image[:, :8, :8] = 255
+    mask = (image[0] > 0).to(torch.uint8)
+    torch.manual_seed(3)
+    out, moved = apply(transform, image, mask)
+    # The square moved (rotated/translated) and the mask moved with it, nearest-neighbour.
+    assert not torch.equal(moved, mask.long()) and set(moved.unique().tolist()) <= {0, 1}
+    inside = out[0][moved.bool()]
+    assert inside.numel() and inside.mean() > 0.5 > out[0][~moved.bool()].mean()

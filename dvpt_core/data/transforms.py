@@ -30,6 +30,13 @@ def build_transform(
     if augment is not None:
         if tuple(augment.crop_scale) != (1.0, 1.0):
             steps.append(v2.RandomResizedCrop(size, scale=tuple(augment.crop_scale), antialias=True))
+        if augment.rotation or augment.translate:
+            translate = (augment.translate, augment.translate) if augment.translate else None
+            # Bilinear for the image; transforms.v2 always moves a mask nearest-neighbour.
+            steps.append(v2.RandomAffine(degrees=augment.rotation, translate=translate,
+                                         interpolation=v2.InterpolationMode.BILINEAR))
+        if any(augment.color_jitter):
+            steps.append(v2.ColorJitter(*augment.color_jitter))
         if augment.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if augment.vflip:

@@ -8,6 +8,7 @@ they put on the frozen features.
 from __future__ import annotations
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from dvpt_core.models.backbone import BackboneInfo
@@ -32,11 +33,13 @@ class AdaptedModel(nn.Module):
         self.backbone.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "AdaptedModel":
-        """Frozen parts stay in eval mode so their dropout and norms behave as at inference."""
+        """Frozen parts stay in eval mode so their dropout and norms behave as at inference, but
+        for stochastic depth (timm's DropPath: Identity unless ``backbone_kwargs.drop_path_rate``
+        asks for it, as the released Swin code trains with the whole model in train mode)."""
         super().train(mode)
         self.backbone.eval()
         for module in self.backbone.modules():
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, (AdapterLayer, DropPath)):
                 module.train(mode)
         return self
 

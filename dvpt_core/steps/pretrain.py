@@ -48,8 +48,7 @@ def settings_key(cfg: ExperimentConfig) -> str:
     """A hash of everything the weights depend on: the architecture, the pretrain settings, the
     renderer's source and the package version."""
     payload = {
-        "architecture": cfg.model.model_dump(mode="json", include={"backbone", "backbone_kwargs", "image_size",
-                                                                     "init_seed"}),
+        "architecture": cfg.model.model_dump(mode="json", include={"backbone", "backbone_kwargs", "image_size"}),
         "pretrain": cfg.pretrain.model_dump(mode="json"),
         "renderer": Path(source.__file__).read_text(),
         "package": dvpt_core.__version__,
@@ -109,10 +108,10 @@ def use_stand_in(cfg: ExperimentConfig, pretrain_dir: Path) -> ExperimentConfig:
 def _source_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """Full fine-tuning of a random initialisation of the architecture, on the source classes,
     optimised as ``cfg.pretrain`` says (flips only: crops would change the dot counts)."""
-    arch = cfg.model.model_dump(include={"backbone", "backbone_kwargs", "image_size", "init_seed"})
+    arch = cfg.model.model_dump(include={"backbone", "backbone_kwargs", "image_size"})
     p = cfg.pretrain
     return ExperimentConfig.model_validate({
-        "model": ModelConfig(**arch, method="full", weights="random").model_dump(),
+        "model": ModelConfig(**arch, method="full", weights="random", init_seed=p.seed).model_dump(),
         "data": {"format": "folder", "class_names": source.CLASS_NAMES},
         "train": {"epochs": p.epochs, "batch_size": p.batch_size, "lr": p.lr, "weight_decay": p.weight_decay,
                   "warmup_epochs": p.warmup_epochs, "seed": p.seed, "crop_scale": (1.0, 1.0), "amp": False,

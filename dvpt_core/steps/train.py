@@ -1,26 +1,40 @@
-"""Train step: fit the configured PEFT method on the frozen backbone and log it all to MLflow.
+"""Train step: fit the configured PEFT method on the frozen backbone, locally first, then in MLflow.
 
-Writes ``<out_dir>/adapter/`` (the best epoch by validation kappa), ``history.csv`` and
-``run.json`` (the MLflow run and logged model the later steps add to). The MLflow run carries
-the lineage a reviewer follows: dataset inputs (digest = the DVC hash of the data), the
-validation result and Data Docs, the git revision and DVC experiment, the backbone's
+Writes ``<out_dir>/adapter/`` (the best epoch by validation kappa, the earliest on ties),
+``history.csv``, ``run.json`` (the MLflow run and logged model the later steps add to) and, while
+training, ``checkpoint.pt`` after every epoch. Nothing is lost to a fault:
+
+- a run killed at any point (SIGKILL, SIGTERM, Ctrl-C, a lost machine) resumes from its last
+  checkpoint when the step is run again with the same configuration, in the same MLflow run, and
+  ends exactly as an uninterrupted run would (``dvpt_core.checkpoint``); SIGTERM and Ctrl-C close
+  the MLflow run as KILLED on their way out, and a run a SIGKILL left RUNNING is resumed or, when
+  there is nothing to resume, closed as KILLED by the next attempt (``active.json`` names the
+  process that owns it);
+- the tracking server is checked before any work (seconds, not minutes); if it goes away during
+  training, training goes on locally and what MLflow missed is recorded in ``sync.json`` and sent
+  at the end (``dvpt_core.steps.sync``), or later with ``dvpt sync`` when the server stays away.
+
+The MLflow run carries the lineage a reviewer follows: dataset inputs (digest = the DVC hash of the
+data), the validation result and Data Docs, the git revision and DVC experiment, the backbone's
 fingerprint and whether its weights are random or a stand-in, and the adapter as a LoggedModel.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
+import json
 import logging
-import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
 
+from dvpt_core.checkpoint import CHECKPOINT_FILE, TrainingState, config_key, load_checkpoint, save_checkpoint
 from dvpt_core.config import ExperimentConfig
-from dvpt_core.data.cache_layout import SPLITS_FILE
+from dvpt_core.data.atomic import pid_alive
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.engine import predict, train_one_epoch
 from dvpt_core.metrics.classification import classification_metrics
@@ -29,14 +43,17 @@ from dvpt_core.optim import make_optimizer, make_scheduler
 from dvpt_core.peft import build_model, count_parameters
 from dvpt_core.peft.adapter import WEIGHTS_FILE, save_adapter
 from dvpt_core.runtime import resolve_device, seed_everything
-from dvpt_core.serving.logged_model import log_adapter_model
+from dvpt_core.signals import Terminated, terminate_as_exception
+from dvpt_core.secrets import mask_uri
+from dvpt_core.steps.sync import HISTORY_FILE, log_epoch, log_run_inputs, read_sync_state, sync, write_sync_state
 from dvpt_core.tracking import (
-    connect, dvc_data_hash, dvc_experiment, flatten, git_commit, log_dataset_inputs, run_name, write_run_file,
+    connect, dvc_data_hash, dvc_experiment, git_commit, run_name, write_run_file,
 )
 
 log = logging.getLogger(__name__)
-# What the validate step writes that the run keeps (dvpt_core.steps.validate).
-VALIDATION_ARTIFACTS = ("validation.json", "data_docs")
+ACTIVE_FILE = "active.json"
+# Errors that mean "the tracking server did not take this call": training goes on without it.
+TRACKING_ERRORS = (mlflow.MlflowException, OSError)
 
 
 def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path | None = None,
@@ -45,11 +62,11 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
     DVC hash; ``validation_dir`` (the validate step's folder) is logged to the run."""
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = connect(cfg)
     generator = seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg).to(device)
     info = model.info
-    counts = count_parameters(model)
     loaders = {
         split: make_loader(cache_dir / split, info.mean, info.std, split == "train", cfg, generator=generator)
         for split in ("train", "valid")
@@ -57,43 +74,39 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
     steps_per_epoch = _steps_per_epoch(len(loaders["train"]), cfg.train.max_steps_per_epoch)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.weight_decay_on)
     scheduler = make_scheduler(optimizer, cfg.train.lr, cfg.train.epochs, cfg.train.warmup_epochs, steps_per_epoch)
-
-    tracking_uri = connect(cfg)
+    key = config_key(cfg, info.fingerprint)
+    state = load_checkpoint(out_dir / CHECKPOINT_FILE, key, model, optimizer, scheduler, generator)
+    state = state or TrainingState(key=key)
+    _close_stale_run(out_dir, keep=state.run_id)
     lineage = _lineage(cfg, info, data_root)
-    with mlflow.start_run(run_name=run_name(cfg), tags=lineage) as run:
-        warning = weights_warning(info, cfg.model.init_seed, cfg.model.weights_file)
-        if warning:
-            mlflow.set_tag("WARNING", warning)
-        mlflow.log_params(flatten("", cfg.model_dump(mode="json")))
-        mlflow.log_metrics({"params_trainable": counts["trainable"], "params_total": counts["total"]})
-        log_dataset_inputs(cache_dir / SPLITS_FILE, data_root, lineage["data_dvc_md5"], lineage["git_commit"])
-        _log_validation(validation_dir)
-        best, history = _fit(model, loaders, optimizer, scheduler, steps_per_epoch, device, cfg)
-        model.load_state_dict(best["state"], strict=False)
-        adapter_dir = save_adapter(model.cpu(), cfg, out_dir / "adapter")
-        _write_history(out_dir / "history.csv", history)
-        adapter_bytes = (adapter_dir / WEIGHTS_FILE).stat().st_size
-        logged = log_adapter_model(adapter_dir)
-        mlflow.log_metrics({"best_val_kappa": best["kappa"], "best_epoch": best["epoch"],
-                            "adapter_bytes": adapter_bytes}, model_id=logged.model_id)
-        mlflow.log_artifact(str(out_dir / "history.csv"))
-        if (cache_dir / SPLITS_FILE).is_file():
-            mlflow.log_artifact(str(cache_dir / SPLITS_FILE), artifact_path="data")
-        summary = {
-            "run_id": run.info.run_id,
-            "run_name": run.info.run_name,
-            "experiment_id": run.info.experiment_id,
-            "tracking_uri": tracking_uri,
-            "model_id": logged.model_id,
-            "model_uri": logged.model_uri,
-            "best_epoch": best["epoch"],
-            "best_val_kappa": best["kappa"],
-            **counts,
-            "adapter_bytes": adapter_bytes,
-            **lineage,
-            "weights_warning": warning,
-        }
+    warning = weights_warning(info, cfg.model.init_seed, cfg.model.weights_file)
+    sync_state = _open_run(cfg, out_dir, state, lineage, warning, {
+        "cache_dir": str(cache_dir.resolve()),
+        "data_root": str(Path(data_root).resolve()) if data_root else None,
+        "validation_dir": str(Path(validation_dir).resolve()) if validation_dir else None,
+    })
+    live = _LiveLog(out_dir, sync_state)
+    live.call(log_run_inputs, cfg, out_dir, sync_state)
+    with terminate_as_exception():
+        try:
+            _fit(model, loaders, optimizer, scheduler, generator, steps_per_epoch, device, cfg, state, out_dir, live)
+        except (KeyboardInterrupt, Terminated) as stop:
+            _close_interrupted(out_dir, state, live, stop)
+            raise
+    model.load_state_dict(state.best_state, strict=False)
+    adapter_dir = save_adapter(model.cpu(), cfg, out_dir / "adapter")
+    _write_history(out_dir / HISTORY_FILE, state.history)
+    counts = count_parameters(model)
+    summary = {
+        "run_id": state.run_id, "run_name": sync_state["run_name"], "experiment_id": sync_state["experiment_id"],
+        "tracking_uri": mask_uri(tracking_uri), "model_id": None, "model_uri": None, "synced": False,
+        "best_epoch": state.best_epoch, "best_val_kappa": state.best_score, **counts,
+        "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size, **lineage, "weights_warning": warning,
+    }
     write_run_file(out_dir, summary)
+    summary = sync(cfg, out_dir)
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    (out_dir / ACTIVE_FILE).unlink(missing_ok=True)
     return summary
 
 
@@ -110,25 +123,85 @@ def _lineage(cfg: ExperimentConfig, info: BackboneInfo, data_root: Path | None) 
     }
 
 
-def _log_validation(validation_dir: Path | None) -> None:
-    """The data gate's verdict and its Data Docs, beside the model trained on that data."""
-    if validation_dir is None:
+def _open_run(cfg: ExperimentConfig, out_dir: Path, state: TrainingState, lineage: dict[str, str],
+              warning: str | None, paths: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's run re-opened, or a new one; recorded in ``sync.json`` and ``active.json``
+    (this process owns it) before training starts."""
+    client = mlflow.MlflowClient()
+    if state.run_id:
+        client.update_run(state.run_id, status="RUNNING")
+        run = client.get_run(state.run_id)
+        sync_state = read_sync_state(out_dir)
+    else:
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+        tags = {**lineage, **({"WARNING": warning} if warning else {})}
+        run = client.create_run(experiment.experiment_id, run_name=run_name(cfg), tags=tags)
+        state.run_id = run.info.run_id
+        sync_state = {}
+    sync_state.update(run_id=run.info.run_id, run_name=run.info.run_name, experiment_id=run.info.experiment_id,
+                      data_dvc_md5=lineage["data_dvc_md5"], git_commit=lineage["git_commit"], **paths)
+    write_sync_state(out_dir, sync_state)
+    (out_dir / ACTIVE_FILE).write_text(json.dumps({"run_id": state.run_id, "pid": os.getpid(),
+                                                   "host": socket.gethostname()}))
+    log.info("MLflow run %s (%s)%s", run.info.run_name, state.run_id, " resumed" if state.epoch else "")
+    return sync_state
+
+
+def _close_stale_run(out_dir: Path, keep: str) -> None:
+    """A run an earlier attempt left RUNNING (its process died without closing it) and that the
+    checkpoint does not continue is closed as KILLED, so no run claims to be running for ever."""
+    path = out_dir / ACTIVE_FILE
+    if not path.is_file():
         return
-    for name in VALIDATION_ARTIFACTS:
-        path = Path(validation_dir) / name
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=f"validation/{name}")
-        elif path.is_file():
-            mlflow.log_artifact(str(path), artifact_path="validation")
+    owner = json.loads(path.read_text())
+    if owner["host"] == socket.gethostname() and pid_alive(owner["pid"]) and owner["pid"] != os.getpid():
+        raise RuntimeError(f"{out_dir} is in use by process {owner['pid']} (training run {owner['run_id']}); "
+                           "wait for it or stop it first")
+    if owner["run_id"] != keep:
+        client = mlflow.MlflowClient()
+        if client.get_run(owner["run_id"]).info.status == "RUNNING":
+            client.set_tag(owner["run_id"], "dvpt.closed_by", "the next training attempt (its process had died)")
+            client.set_terminated(owner["run_id"], "KILLED")
+            log.warning("closed MLflow run %s left RUNNING by a dead process as KILLED", owner["run_id"])
+    path.unlink()
+
+
+def _close_interrupted(out_dir: Path, state: TrainingState, live: _LiveLog, stop: BaseException) -> None:
+    """On SIGTERM or Ctrl-C: the run is marked KILLED (when the server answers) and the last
+    checkpoint stays for the next attempt to resume."""
+    live.call(mlflow.MlflowClient().set_terminated, state.run_id, "KILLED")
+    (out_dir / ACTIVE_FILE).unlink(missing_ok=True)
+    log.warning("training interrupted (%s) after %d epochs; run the same command again to resume from %s",
+                stop or "Ctrl-C", state.epoch, out_dir / CHECKPOINT_FILE)
+
+
+class _LiveLog:
+    """MLflow calls made while training: the first failure (a lost server) turns them off, and
+    what they would have sent stays recorded in ``sync.json`` for the final sync."""
+
+    def __init__(self, out_dir: Path, sync_state: dict[str, Any]) -> None:
+        self.out_dir, self.sync_state, self.online = out_dir, sync_state, True
+
+    def call(self, func: Any, *args: Any) -> None:
+        if not self.online:
+            return
+        try:
+            func(*args)
+        except TRACKING_ERRORS as err:
+            self.online = False
+            log.warning("MLflow stopped answering (%s); training goes on locally and syncs at the end",
+                        str(err).splitlines()[0][:200])
+
+    def epoch(self, row: dict[str, float]) -> None:
+        self.call(log_epoch, self.out_dir, self.sync_state, row)
 
 
 def _fit(model: torch.nn.Module, loaders: dict, optimizer: torch.optim.Optimizer, scheduler: Any,
-         steps_per_epoch: int, device: torch.device, cfg: ExperimentConfig) -> tuple[dict, list[dict]]:
-    """Every epoch, keeping the trainable state of the best one by validation kappa (the
-    earliest on ties) and the per-epoch history."""
-    best: dict[str, Any] = {"kappa": -math.inf, "epoch": -1, "state": None}
-    history = []
-    for epoch in range(cfg.train.epochs):
+         generator: torch.Generator, steps_per_epoch: int, device: torch.device, cfg: ExperimentConfig,
+         state: TrainingState, out_dir: Path, live: _LiveLog) -> None:
+    """The remaining epochs; after each, the best state (by validation kappa, the earliest on
+    ties) and the history are updated and checkpointed before MLflow hears of it."""
+    for epoch in range(state.epoch, cfg.train.epochs):
         done_steps = epoch * steps_per_epoch
         train_loss = train_one_epoch(
             model, loaders["train"], optimizer, lambda step, done=done_steps: scheduler.step_update(done + step),
@@ -140,12 +213,14 @@ def _fit(model: torch.nn.Module, loaders: dict, optimizer: torch.optim.Optimizer
         row = {"epoch": epoch + 1, "train_loss": train_loss,
                "val_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
                "val_kappa": val["kappa"], "val_accuracy": val["accuracy"], "lr": optimizer.param_groups[0]["lr"]}
-        history.append(row)
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        state.history.append(row)
+        state.epoch = epoch + 1
+        if val["kappa"] > state.best_score:
+            state.best_score, state.best_epoch = val["kappa"], epoch + 1
+            state.best_state = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
+        save_checkpoint(out_dir / CHECKPOINT_FILE, state, model, optimizer, scheduler, generator)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-        if val["kappa"] > best["kappa"]:
-            best = {"kappa": val["kappa"], "epoch": epoch + 1, "state": copy.deepcopy(model.trainable_state_dict())}
-    return best, history
+        live.epoch(row)
 
 
 def _steps_per_epoch(batches: int, max_steps: int | None) -> int:
@@ -153,7 +228,9 @@ def _steps_per_epoch(batches: int, max_steps: int | None) -> int:
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as handle:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
