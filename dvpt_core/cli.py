@@ -17,6 +17,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from dvpt_core.config import ExperimentConfig, load_config
@@ -31,6 +32,9 @@ log = logging.getLogger("dvpt")
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# Drivers add their subcommands through this entry-point group (pyproject.toml), so the core never
+# imports them: `dvpt kfp ...` comes from pipelines.cli.
+COMMAND_PLUGINS = "dvpt.commands"
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -187,9 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="print JSON only")
     summary.set_defaults(func=cmd_summary)
 
-    from pipelines.cli import add_kfp_commands
-
-    add_kfp_commands(sub, _config_args)
+    for plugin in entry_points(group=COMMAND_PLUGINS):
+        plugin.load()(sub, _config_args)
     return parser
 
 
