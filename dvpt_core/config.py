@@ -343,10 +343,10 @@ class PretrainConfig(_Strict):
     split; the optimisation mirrors ``train``'s. Deterministic for given settings, so the step's
     output is cached by them (DVC's run cache, the KFP cache, and the step's own key)."""
 
-    train: int = Field(default=1600, ge=8)
-    valid: int = Field(default=160, ge=8)
-    test: int = Field(default=160, ge=8)
-    epochs: int = Field(default=8, ge=1)
+    train: int = Field(default=1200, ge=8)
+    valid: int = Field(default=120, ge=8)
+    test: int = Field(default=120, ge=8)
+    epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)

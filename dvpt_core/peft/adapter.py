@@ -152,7 +152,7 @@ def check_against_adapter(cfg: ExperimentConfig, meta: dict[str, Any], adapter_d
     preset, a params file, ``--set``, a JSON configuration; see ``config.explicit_keys``), so
     schema defaults never conflict. Values are compared as the schema normalises them.
     """
-    fixed = _experiment(adapter_dir, {**meta["model"], "weights_file": None}, meta["class_names"])
+    fixed = _experiment(adapter_dir, meta["model"], meta["class_names"])
     given = explicit_keys(cfg) if explicit is None else set(explicit)
     conflicts = []
     for key in sorted(given):

@@ -91,8 +91,10 @@ def pretrain_if_stand_in(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]
     """The pretrain step where ``model.weights=stand-in``; otherwise an empty ``out_dir`` (the
     Kubeflow pipeline always has the task, so its wiring does not depend on the configuration)."""
     if cfg.model.weights != "stand-in":
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        return {"stand_in": False, "skipped": f"model.weights={cfg.model.weights}"}
+        summary = {"stand_in": False, "skipped": f"model.weights={cfg.model.weights}"}
+        with atomic_directory(Path(out_dir), replace=True) as tmp:
+            (tmp / PRETRAIN_FILE).write_text(json.dumps(summary, indent=2))
+        return summary
     return pretrain(cfg, out_dir)
 
 
