@@ -85,9 +85,25 @@ def cmd_register(args: argparse.Namespace) -> dict:
 
 
 def cmd_promote(args: argparse.Namespace) -> dict:
-    from dvpt_core.steps.register import promote
+    from dvpt_core.steps.promote import promote_step
 
-    return promote(config_from_args(args), args.version, args.alias)
+    overrides = [*args.overrides, f"promotion.champion_alias={args.alias}"]
+    if args.allow_different_data:
+        overrides.append("promotion.allow_different_data=true")
+    cfg = load_config(args.params, overrides, args.preset)
+    return promote_step(cfg, args.registration, args.out, args.version, args.why)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict:
+    from dvpt_core.registry.history import rollback
+
+    return rollback(config_from_args(args), args.why, args.to)
+
+
+def cmd_registry(args: argparse.Namespace) -> dict:
+    from dvpt_core.registry.listing import registry_rows
+
+    return registry_rows(config_from_args(args))
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
@@ -140,9 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         cache="preprocessed cache folder", train="train step folder", out="export folder")
     add("register", cmd_register, "register the adapter in the MLflow model registry",
         train="train step folder", export="export step folder", out="folder for registered.json")
-    promote = add("promote", cmd_promote, "point an alias (default champion) at a registered version")
-    promote.add_argument("--version", required=True, help="model version number")
-    promote.add_argument("--alias", default="champion")
+    promote = add("promote", cmd_promote, "quality gate: make the challenger champion if it beats (or is "
+                  "non-inferior to) the champion on the same test data", optional=("registration", "out"),
+                  registration="register step folder: decide on the version it registered (pipelines)",
+                  out="folder for decision.json")
+    promote.add_argument("--version", help="model version to decide on (default: the one at tracking.alias)")
+    promote.add_argument("--alias", default="champion", help="the alias the gate moves (default: champion)")
+    promote.add_argument("--allow-different-data", action="store_true",
+                         help="compare versions evaluated on other data (unpaired) instead of refusing")
+    promote.add_argument("--why", default="", help="a note recorded with the decision")
+    rollback = add("rollback", cmd_rollback, "move the champion back to the version it replaced")
+    rollback.add_argument("--why", required=True, help="the reason, recorded on both versions")
+    rollback.add_argument("--to", help="a version to restore instead of the previous champion")
+    registry = add("registry", cmd_registry, "list versions, aliases, metrics and promotion decisions")
+    registry.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     run = add("run", cmd_run, "run every step in order without DVC")
     run.add_argument("--data", type=Path, default=Path("data"))
     run.add_argument("--out", type=Path, default=Path("outputs"))
@@ -172,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dvpt {args.command}: error: {err}", file=sys.stderr)
         return 2
     _warn_about_weights(result)
-    if args.command == "summary" and not args.json:
-        print(_summary_text(result))
+    text = TEXT_OUTPUTS.get(args.command)
+    if text and not args.json:
+        print(text(result))
     else:
         _print(result)
     return 0
@@ -196,6 +224,16 @@ def _summary_text(summary: dict) -> str:
     ]
     lines += [f"    {part:<20} {count:>11,}" for part, count in summary["trainable_by_part"].items()]
     return "\n".join(lines)
+
+
+def _registry_text(result: dict) -> str:
+    from dvpt_core.registry.listing import registry_text
+
+    return registry_text(result)
+
+
+# Subcommands that print a human-readable text unless given --json.
+TEXT_OUTPUTS: dict[str, Callable[[dict], str]] = {"summary": _summary_text, "registry": _registry_text}
 
 
 if __name__ == "__main__":

@@ -292,6 +292,34 @@ class TrackingConfig(_Strict):
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+class PromotionConfig(_Strict):
+    """The quality gate that moves the ``champion`` alias (``dvpt promote``).
+
+    The challenger is compared with the current champion of the same registered model on the
+    same test samples by the task's primary metric (quadratic kappa for classification, mean
+    Dice for segmentation), with a paired bootstrap confidence interval of the difference
+    (challenger minus champion): ``resamples`` resamples of the test samples, seeded with
+    ``seed``, percentile interval at ``confidence``. ``rule``: "non_inferiority" promotes when
+    the interval's lower bound is above ``-margin``; "superiority" when it is above 0. Either way
+    the challenger's own metric must reach ``floor``, which is also all a first version (no
+    champion yet) must clear. A backbone on RANDOM WEIGHTS is never promoted. Versions evaluated
+    on other data (DVC hash) or other test samples are refused unless ``allow_different_data``,
+    and are then compared unpaired (each model resampled on its own test set).
+    """
+
+    rule: Literal["non_inferiority", "superiority"] = "non_inferiority"
+    # In metric units: kappa differences between the compared methods are about 0.003-0.03.
+    margin: float = Field(default=0.01, ge=0)
+    floor: float = 0.6
+    resamples: int = Field(default=2000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    seed: int = 0
+    champion_alias: str = "champion"
+    allow_different_data: bool = False
+    # How long another promotion's hold on the registry counts before it is taken as crashed.
+    lock_timeout_s: float = Field(default=60.0, gt=0)
+
+
 class ExportConfig(_Strict):
     opset: int = Field(default=18, ge=13)
     parity_atol: float = Field(default=1e-4, gt=0)
@@ -305,6 +333,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -1,7 +1,8 @@
 """Register step: the adapter as an MLflow model version (a pyfunc), the ONNX graph beside it,
 and the configured alias (``challenger``) on the new version.
 
-Promotion is an alias move (``dvpt promote``): MLflow stages are deprecated.
+Promotion to ``champion`` is the quality gate of ``dvpt promote`` (``dvpt_core.registry.promotion``):
+an alias move, MLflow stages being deprecated.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from mlflow.tracking import MlflowClient
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.peft.adapter import read_adapter_config
 from dvpt_core.serving.logged_model import model_signature
-from dvpt_core.tracking import connect, dvc_experiment, read_run_file, resume_run
+from dvpt_core.registry.model_card import publish_model_card
+from dvpt_core.registry.versions import get_version
+from dvpt_core.tracking import dvc_experiment, read_run_file, resume_run
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ def register(cfg: ExperimentConfig, train_dir: Path, export_dir: Path, out_dir: 
     version = str(mlflow.register_model(run["model_uri"], name, tags=tags).version)
     client = MlflowClient()
     client.set_registered_model_alias(name, cfg.tracking.alias, version)
+    publish_model_card(client, get_version(client, name, version), cfg.promotion)
     result = {
         "registered": True, "registered_model": name, "version": version, "alias": cfg.tracking.alias,
         "model_uri": f"models:/{name}@{cfg.tracking.alias}", "run_id": run["run_id"],
@@ -67,13 +71,3 @@ def _skip(out_dir: Path, reason: str) -> dict:
     log.info("not registering: %s", reason)
     return result
 
-
-def promote(cfg: ExperimentConfig, version: str, alias: str = "champion") -> dict:
-    """Point ``alias`` (default ``champion``) at ``version`` of the configured registered model."""
-    connect(cfg)
-    client = MlflowClient()
-    name = cfg.tracking.registered_model
-    client.get_model_version(name, version)
-    client.set_registered_model_alias(name, alias, version)
-    log.info("%s version %s is now @%s", name, version, alias)
-    return {"registered_model": name, "version": version, "alias": alias}
