@@ -4,7 +4,7 @@ the per-sample records of its evaluation (read from the run that trained it)."""
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -78,9 +78,16 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> VersionInfo
 
 
 def all_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
-    """Every version of ``name``, newest first."""
-    found = client.search_model_versions(f"name = '{name}'")
-    return sorted((VersionInfo.of(v) for v in found), key=lambda v: int(v.version), reverse=True)
+    """Every version of ``name``, newest first, with its aliases (a version search leaves them out:
+    they come from the registered model)."""
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as err:
+        raise RegistryError(f"no registered model {name!r}: {err.message}") from None
+    found = [VersionInfo.of(v) for v in client.search_model_versions(f"name = '{name}'")]
+    found = [replace(v, aliases=tuple(a for a, target in sorted(aliases.items()) if str(target) == v.version))
+             for v in found]
+    return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
 def load_records(info: VersionInfo, split: str = "test") -> SampleRecords:
