@@ -106,6 +106,35 @@ def cmd_registry(args: argparse.Namespace) -> dict:
     return registry_rows(config_from_args(args))
 
 
+def cmd_predict(args: argparse.Namespace) -> dict:
+    import mlflow
+
+    from dvpt_core.steps.predict import predict
+
+    mlflow.set_tracking_uri(config_from_args(args).tracking.resolved_uri())
+    return predict(args.model, args.input, args.out, args.runtime, args.column, args.batch_size, args.weights_file)
+
+
+def cmd_serve(args: argparse.Namespace) -> dict:
+    import mlflow
+    import uvicorn
+
+    from dvpt_core.serving.pool import AdapterPool
+    from dvpt_core.serving.server import AdapterSpec, create_app
+
+    mlflow.set_tracking_uri(config_from_args(args).tracking.resolved_uri())
+    specs = {}
+    for runtime, items in (("torch", args.adapter), ("onnx", args.onnx_adapter)):
+        for item in items:
+            name, sep, uri = item.partition("=")
+            if not sep or not name or not uri:
+                raise ValueError(f"adapter {item!r} is not NAME=URI (e.g. ddr=models:/dvpt-ddr@champion)")
+            specs[name] = AdapterSpec(uri=uri, runtime=runtime)
+    pool = AdapterPool(args.cache_dir, args.weights_file)
+    uvicorn.run(create_app(pool, specs, args.watch), host=args.host, port=args.port, log_level="info")
+    return {"served": sorted(specs)}
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     """Every step in order, without DVC: the same functions ``dvc repro`` runs."""
     from dvpt_core.steps.pipeline import run_all
@@ -170,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", help="a version to restore instead of the previous champion")
     registry = add("registry", cmd_registry, "list versions, aliases, metrics and promotion decisions")
     registry.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    pred = add("predict", cmd_predict, "batch inference: a registered adapter over a folder, a CSV of image paths "
+               "or a DVC-tracked dataset folder", input="folder of images or CSV file", out="folder for "
+               "predictions.csv and summary.json")
+    pred.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder")
+    pred.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    pred.add_argument("--column", default="image", help="the CSV column naming images (default: image)")
+    pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument("--weights-file", type=Path, help="the backbone checkpoint on this machine "
+                      "(default: $DVPT_BACKBONE_WEIGHTS, else where training had it)")
+    serve = add("serve", cmd_serve, "serve many adapters over one frozen backbone over HTTP (FastAPI)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
+                       help="an adapter on the shared backbone, e.g. ddr=models:/dvpt-ddr@champion (repeatable)")
+    serve.add_argument("--onnx-adapter", action="append", default=[], metavar="NAME=URI",
+                       help="an adapter served from its registered ONNX graph (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--watch", type=float, help="seconds between checks for moved aliases (hot swap); off if unset")
+    serve.add_argument("--weights-file", type=Path, help="the backbone checkpoint on this machine")
+    serve.add_argument("--cache-dir", type=Path, default=Path(".dvpt-serving"),
+                       help="where downloaded adapters are kept (default: .dvpt-serving)")
     run = add("run", cmd_run, "run every step in order without DVC")
     run.add_argument("--data", type=Path, default=Path("data"))
     run.add_argument("--out", type=Path, default=Path("outputs"))

@@ -12,9 +12,11 @@ the per-sample records, so every run is registered with one exported graph (``ex
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -103,3 +105,25 @@ def register_run(cfg: ExperimentConfig, work: Path, registered_model: str, expor
     """A new version of ``registered_model`` from the run in ``work``; returns its number."""
     cfg = with_overrides(cfg, f"tracking.registered_model={registered_model}")
     return register(cfg, work / "train", export_dir, work / f"registry-{registered_model}")["version"]
+
+
+@pytest.fixture(scope="session")
+def registry_runs(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Trained and evaluated runs: good and bad on one dataset; bad on the same images under
+    another DVC hash; good on another split of the same data."""
+    root = tmp_path_factory.mktemp("registry_runs")
+    cfg = stand_in_config(root, mlflow_server, "unused")
+    data = brightness_dataset(root / "a")
+    cache = prepare(cfg, data, root / "cache")
+    other_data = Path(shutil.copytree(data, root / "b" / "data"))
+    dvc_pointer(other_data, "ffffffffffffffffffffffffffffffff.dir")
+    resplit = with_overrides(cfg, "data.split_seed=7")
+    runs = {
+        "cfg": cfg,
+        "good": trained_run(cfg, "good", data, cache, root / "good"),
+        "bad": trained_run(cfg, "bad", data, cache, root / "bad"),
+        "other_data": trained_run(cfg, "bad", other_data, cache, root / "other_data"),
+        "other_split": trained_run(resplit, "good", data, prepare(resplit, data, root / "cache7"), root / "other_split"),
+    }
+    runs["export"] = export_run(cfg, cache, runs["good"])
+    return runs

@@ -5,7 +5,6 @@ versions built by the real train / evaluate / register steps."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from dvpt_core.registry.history import events, rollback
 from dvpt_core.registry.listing import registry_rows, registry_text
 from dvpt_core.registry.promotion import PROMOTED, REFUSED, REJECTED, PromotionRefused, decide, promote
 from dvpt_core.registry.versions import RegistryError, VersionInfo, get_version, version_by_alias
-from tests.registry_helpers import (
-    brightness_dataset, dvc_pointer, export_run, prepare, register_run, stand_in_config, trained_run, with_overrides,
-)
+from tests.registry_helpers import register_run, registry_runs, with_overrides
 
 SETTINGS = PromotionConfig(resamples=1000)
 
@@ -118,34 +115,12 @@ def test_random_weights_never_pass_and_the_floor_holds_first() -> None:
 # --- against a real MLflow server -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def runs(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Trained and evaluated runs: good and bad on one dataset; bad on the same images under
-    another DVC hash; good on another split of the same data."""
-    root = tmp_path_factory.mktemp("promotion")
-    cfg = stand_in_config(root, mlflow_server, "unused")
-    data = brightness_dataset(root / "a")
-    cache = prepare(cfg, data, root / "cache")
-    other_data = Path(shutil.copytree(data, root / "b" / "data"))
-    dvc_pointer(other_data, "ffffffffffffffffffffffffffffffff.dir")
-    resplit = with_overrides(cfg, "data.split_seed=7")
-    runs = {
-        "cfg": cfg,
-        "good": trained_run(cfg, "good", data, cache, root / "good"),
-        "bad": trained_run(cfg, "bad", data, cache, root / "bad"),
-        "other_data": trained_run(cfg, "bad", other_data, cache, root / "other_data"),
-        "other_split": trained_run(resplit, "good", data, prepare(resplit, data, root / "cache7"), root / "other_split"),
-    }
-    runs["export"] = export_run(cfg, cache, runs["good"])
-    return runs
+def _register(registry_runs: dict, which: str, name: str) -> str:
+    return register_run(registry_runs["cfg"], registry_runs[which], name, registry_runs["export"])
 
 
-def _register(runs: dict, which: str, name: str) -> str:
-    return register_run(runs["cfg"], runs[which], name, runs["export"])
-
-
-def _cfg(runs: dict, name: str, *overrides: str):
-    return with_overrides(runs["cfg"], f"tracking.registered_model={name}", "promotion.resamples=500", *overrides)
+def _cfg(registry_runs: dict, name: str, *overrides: str):
+    return with_overrides(registry_runs["cfg"], f"tracking.registered_model={name}", "promotion.resamples=500", *overrides)
 
 
 def _champion(name: str) -> str | None:
@@ -153,18 +128,18 @@ def _champion(name: str) -> str | None:
     return info.version if info else None
 
 
-def test_better_challenger_promoted_worse_rejected_both_recorded(runs: dict) -> None:
+def test_better_challenger_promoted_worse_rejected_both_recorded(registry_runs: dict) -> None:
     name = "promo-better-worse"
-    cfg = _cfg(runs, name, "promotion.floor=-1.0")
+    cfg = _cfg(registry_runs, name, "promotion.floor=-1.0")
     client = mlflow.MlflowClient()
-    first = promote(cfg, _register(runs, "bad", name))
+    first = promote(cfg, _register(registry_runs, "bad", name))
     assert first["decision"] == PROMOTED and "first champion" in first["reason"] and _champion(name) == "1"
 
-    better = promote(cfg, _register(runs, "good", name))
+    better = promote(cfg, _register(registry_runs, "good", name))
     assert better["decision"] == PROMOTED and _champion(name) == "2"
     assert better["comparison"]["difference"]["low"] > 0 and better["comparison"]["paired"]
 
-    worse = promote(cfg, _register(runs, "bad", name))
+    worse = promote(cfg, _register(registry_runs, "bad", name))
     assert worse["decision"] == REJECTED and _champion(name) == "2"
     assert worse["comparison"]["difference"]["high"] < 0
 
@@ -185,21 +160,21 @@ def test_better_challenger_promoted_worse_rejected_both_recorded(runs: dict) -> 
     assert "@champion" in registry_text(table)
 
 
-def test_first_version_below_the_floor_is_not_champion(runs: dict) -> None:
+def test_first_version_below_the_floor_is_not_champion(registry_runs: dict) -> None:
     name = "promo-floor"
-    result = promote(_cfg(runs, name), _register(runs, "bad", name))
+    result = promote(_cfg(registry_runs, name), _register(registry_runs, "bad", name))
     assert result["decision"] == REJECTED and "below the floor 0.6" in result["reason"]
     assert _champion(name) is None
 
 
-def test_challenger_on_other_test_data_is_refused_naming_both(runs: dict) -> None:
+def test_challenger_on_other_test_data_is_refused_naming_both(registry_runs: dict) -> None:
     name = "promo-other-data"
-    cfg = _cfg(runs, name)
-    promote(cfg, _register(runs, "good", name))
+    cfg = _cfg(registry_runs, name)
+    promote(cfg, _register(registry_runs, "good", name))
     with pytest.raises(PromotionRefused, match=r"version 2 with champion promo-other-data version 1.*ffffffff"):
-        promote(cfg, _register(runs, "other_data", name))
+        promote(cfg, _register(registry_runs, "other_data", name))
     with pytest.raises(PromotionRefused, match="test samples: the two evaluations scored different test samples"):
-        promote(cfg, _register(runs, "other_split", name))
+        promote(cfg, _register(registry_runs, "other_split", name))
     assert _champion(name) == "1"
     refused = get_version(mlflow.MlflowClient(), name, "2")
     assert refused.tags["promotion.decision"] == REFUSED and "DVC hash" in refused.tags["promotion.reason"]
@@ -208,11 +183,11 @@ def test_challenger_on_other_test_data_is_refused_naming_both(runs: dict) -> Non
     assert unpaired["decision"] == REJECTED and unpaired["comparison"]["paired"] is False
 
 
-def test_rollback_restores_the_previous_champion(runs: dict) -> None:
+def test_rollback_restores_the_previous_champion(registry_runs: dict) -> None:
     name = "promo-rollback"
-    cfg = _cfg(runs, name, "promotion.floor=-1.0")
-    promote(cfg, _register(runs, "bad", name))
-    promote(cfg, _register(runs, "good", name))
+    cfg = _cfg(registry_runs, name, "promotion.floor=-1.0")
+    promote(cfg, _register(registry_runs, "bad", name))
+    promote(cfg, _register(registry_runs, "good", name))
     assert _champion(name) == "2"
 
     result = rollback(cfg, "drift alarm on site B")
@@ -226,11 +201,11 @@ def test_rollback_restores_the_previous_champion(runs: dict) -> None:
         rollback(cfg, "again")
 
 
-def test_two_promotions_racing_leave_exactly_one_champion(runs: dict) -> None:
+def test_two_promotions_racing_leave_exactly_one_champion(registry_runs: dict) -> None:
     name = "promo-race"
-    cfg = _cfg(runs, name, "promotion.floor=-1.0")
-    promote(cfg, _register(runs, "bad", name))
-    racers = [_register(runs, "good", name), _register(runs, "good", name)]
+    cfg = _cfg(registry_runs, name, "promotion.floor=-1.0")
+    promote(cfg, _register(registry_runs, "bad", name))
+    racers = [_register(registry_runs, "good", name), _register(registry_runs, "good", name)]
     start = threading.Barrier(len(racers))
     outcomes: dict[str, str] = {}
 
@@ -257,9 +232,9 @@ def test_two_promotions_racing_leave_exactly_one_champion(runs: dict) -> None:
     assert client.search_registered_models(f"name = '{name}.promotion-lock'") == []
 
 
-def test_model_card_names_data_hash_commit_and_stand_in(runs: dict) -> None:
+def test_model_card_names_data_hash_commit_and_stand_in(registry_runs: dict) -> None:
     name = "promo-card"
-    version = _register(runs, "good", name)
+    version = _register(registry_runs, "good", name)
     client = mlflow.MlflowClient()
     info = get_version(client, name, version)
     card = info.description
@@ -268,4 +243,4 @@ def test_model_card_names_data_hash_commit_and_stand_in(runs: dict) -> None:
     assert "| kappa | 1.0000 |" in card and "bootstrap interval" in card
     local = mlflow.artifacts.download_artifacts(run_id=info.run_id, artifact_path=f"model_card/version-{version}.md")
     assert Path(local).read_text() == card
-    assert json.loads(Path(runs["good"] / "evaluation/test_samples.json").read_text())["metric"] == "kappa"
+    assert json.loads(Path(registry_runs["good"] / "evaluation/test_samples.json").read_text())["metric"] == "kappa"

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.peft.adapter import read_adapter_config
-from dvpt_core.serving.logged_model import model_signature
+from dvpt_core.serving.logged_model import onnx_signature
 from dvpt_core.registry.model_card import publish_model_card
 from dvpt_core.registry.versions import get_version
 from dvpt_core.tracking import dvc_experiment, read_run_file, resume_run
@@ -37,7 +37,7 @@ def register(cfg: ExperimentConfig, train_dir: Path, export_dir: Path, out_dir: 
     adapter_dir = Path(train_dir) / "adapter"
     meta = read_adapter_config(adapter_dir)
     run = read_run_file(train_dir)
-    _, signature = model_signature(adapter_dir)
+    signature = onnx_signature(adapter_dir)
     name = cfg.tracking.registered_model
     with resume_run(cfg, run["run_id"]):
         onnx_info = mlflow.onnx.log_model(
