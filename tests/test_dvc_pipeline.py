@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -53,7 +54,7 @@ def test_dvc_repro_registers_a_challenger_that_predicts_like_the_model(tmp_path,
     assert _dvc(project, "add", "data").returncode == 0
     repro = _dvc(project, "repro")
     assert repro.returncode == 0, repro.stdout + repro.stderr
-    for stage in ("validate", "preprocess", "train", "evaluate", "export", "register"):
+    for stage in ("validate", "preprocess", "train", "evaluate", "export", "register", "promote"):
         assert f"Running stage '{stage}'" in repro.stdout
 
     registered = json.loads((project / "outputs/registry/registered.json").read_text())
@@ -68,13 +69,20 @@ def test_dvc_repro_registers_a_challenger_that_predicts_like_the_model(tmp_path,
     assert version.version == registered["version"]
     assert version.tags["random_weights"] == "true"
     assert version.tags["data_dvc_md5"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    decision = json.loads((project / "outputs/promotion/decision.json").read_text())
+    assert decision["decision"] == "rejected" and "RANDOM WEIGHTS" in decision["reason"]
     pyfunc = mlflow.pyfunc.load_model("models:/dvc-tiny@challenger")
     model = load_adapter(project / "outputs/train/adapter")
     split = CachedSplit(project / "outputs/cache/test", model.info.mean, model.info.std)
     batch = torch.stack([split[i][0] for i in range(4)])
     with torch.no_grad():
-        expected = model(batch).numpy()
-    np.testing.assert_allclose(pyfunc.predict(batch.numpy()), expected, atol=1e-5, rtol=0)
+        expected = torch.softmax(model(batch), dim=1).numpy()
+    # The served model takes the cached uint8 images (already at its size) and normalises them itself.
+    raw = list(split.images[:4])
+    served = pyfunc.predict(pd.DataFrame({"image": raw}))
+    names = json.loads((project / "outputs/train/adapter/adapter.json").read_text())["class_names"]
+    probabilities = np.array([[row[c] for c in names] for row in served["probabilities"]])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
 
     again = _dvc(project, "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout
