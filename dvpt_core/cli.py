@@ -123,6 +123,10 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     from dvpt_core.serving.server import AdapterSpec, create_app
 
     mlflow.set_tracking_uri(config_from_args(args).tracking.resolved_uri())
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     specs = {}
     for runtime, items in (("torch", args.adapter), ("onnx", args.onnx_adapter)):
         for item in items:
@@ -217,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--watch", type=float, help="seconds between checks for moved aliases (hot swap); off if unset")
     serve.add_argument("--weights-file", type=Path, help="the backbone checkpoint on this machine")
+    serve.add_argument("--threads", type=int, help="CPU threads per inference, PyTorch and ONNX Runtime alike "
+                       "(default: PyTorch's, the number of cores)")
     serve.add_argument("--cache-dir", type=Path, default=Path(".dvpt-serving"),
                        help="where downloaded adapters are kept (default: .dvpt-serving)")
     run = add("run", cmd_run, "run every step in order without DVC")

@@ -67,12 +67,15 @@ def torch_forward(model: torch.nn.Module) -> Forward:
 
 def onnx_forward(path: Path) -> Forward:
     """The exported graph (input ``images``, output ``logits``: ``dvpt_core.steps.export``) on
-    ONNX Runtime's best available provider."""
+    ONNX Runtime's best available provider, with as many CPU threads as PyTorch uses (so the two
+    runtimes compare on equal terms, and ``torch.set_num_threads`` sizes both)."""
     import onnxruntime as ort
 
     from dvpt_core.steps.export import INPUT, OUTPUT
 
-    session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
 
     def forward(batch: torch.Tensor) -> np.ndarray:
         return session.run([OUTPUT], {INPUT: batch.numpy()})[0]

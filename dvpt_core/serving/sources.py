@@ -21,6 +21,8 @@ from dvpt_core.serving.logged_model import ADAPTER_ARTIFACT
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^@/]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 ONNX_TAG = "onnx_model_uri"
+# A local adapter folder may hold its exported graph (backbone + adapter) under this name.
+LOCAL_ONNX = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,13 @@ def resolve(uri: str, cache_dir: Path) -> ModelSource:
 
 
 def onnx_file(source: ModelSource, cache_dir: Path) -> Path:
-    """The exported graph (backbone + adapter) registered beside the version."""
+    """The exported graph (backbone + adapter) registered beside the version, or ``model.onnx``
+    in a local adapter folder."""
+    if source.version == "local":
+        path = source.adapter_dir / LOCAL_ONNX
+        if not path.is_file():
+            raise FileNotFoundError(f"{source.uri}: no {LOCAL_ONNX} in the adapter folder (dvpt export writes one)")
+        return path
     if ONNX_TAG not in source.tags:
         raise RegistryError(f"{source.uri}: version {source.version} has no {ONNX_TAG} tag (no ONNX graph)")
     target = Path(cache_dir) / source.name / source.version / "onnx"
