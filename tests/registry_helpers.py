@@ -34,11 +34,12 @@ STAND_IN = ["model.weights=stand-in", "model.weights_file=unused.safetensors", "
             "pretrain.valid=8", "pretrain.test=8", "pretrain.epochs=1", "pretrain.batch_size=8"]
 TASK = ["data.format=folder", f"data.class_names={CLASSES}", "data.val_fraction=0.2", "data.test_fraction=0.4",
         "train.hflip=false", "train.vflip=false", "train.crop_scale=[1.0, 1.0]"]
+DVC_MD5 = "d41d8cd98f00b204e9800998ecf8427e.dir"
 QUALITY = {"good": ["train.epochs=4", "train.lr=0.05", "model.method=linear"],
            "bad": ["train.epochs=1", "train.lr=1e-9", "train.max_steps_per_epoch=1", "model.method=linear"]}
 
 
-def brightness_dataset(root: Path, per_class: int = 50, seed: int = 0, dvc_md5: str = "d41d8cd98f00b204e9800998ecf8427e.dir") -> Path:
+def brightness_dataset(root: Path, per_class: int = 50, seed: int = 0, dvc_md5: str = DVC_MD5) -> Path:
     """``root/data/<class>/<i>.png``: noise textures, dark (mean ~60) or bright (mean ~190), with a
     ``data.dvc`` pointer beside the folder carrying ``dvc_md5`` (the lineage hash)."""
     rng = np.random.default_rng(seed)
@@ -123,7 +124,8 @@ def registry_runs(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) 
         "good": trained_run(cfg, "good", data, cache, root / "good"),
         "bad": trained_run(cfg, "bad", data, cache, root / "bad"),
         "other_data": trained_run(cfg, "bad", other_data, cache, root / "other_data"),
-        "other_split": trained_run(resplit, "good", data, prepare(resplit, data, root / "cache7"), root / "other_split"),
+        "other_split": trained_run(resplit, "good", data, prepare(resplit, data, root / "cache7"),
+                                   root / "other_split"),
     }
     runs["export"] = export_run(cfg, cache, runs["good"])
     return runs

@@ -120,7 +120,8 @@ def _register(registry_runs: dict, which: str, name: str) -> str:
 
 
 def _cfg(registry_runs: dict, name: str, *overrides: str):
-    return with_overrides(registry_runs["cfg"], f"tracking.registered_model={name}", "promotion.resamples=500", *overrides)
+    return with_overrides(registry_runs["cfg"], f"tracking.registered_model={name}", "promotion.resamples=500",
+                          *overrides)
 
 
 def _champion(name: str) -> str | None:

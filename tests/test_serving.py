@@ -204,7 +204,8 @@ def test_batch_predict_reports_a_corrupt_file_and_predicts_the_rest(versions: di
     table = pd.read_csv(tmp_path / "out/predictions.csv", keep_default_na=False)
     ok = table[table["status"] == "ok"]
     assert set(ok["label"]) == {"bright", "dark"}
-    assert all(ok["label"] == ["bright" if f.startswith("bright") else "dark" for f in ok["file"].str.split("/").str[-1]])
+    names = ok["file"].str.split("/").str[-1]
+    assert all(ok["label"] == ["bright" if f.startswith("bright") else "dark" for f in names])
     np.testing.assert_allclose(ok["p_dark"].astype(float) + ok["p_bright"].astype(float), 1.0, rtol=1e-9)
     assert json.loads((tmp_path / "out/summary.json").read_text())["version"] == versions["good"]
 

@@ -15,6 +15,7 @@ from dvpt_core.tracking import connect
 COLUMNS = ("version", "aliases", "created", "method", "weights", "data", "test_kappa", "test_accuracy",
            "decision", "last_event")
 REASON_WIDTH = 70
+WEIGHTS = {"RANDOM WEIGHTS": "RANDOM", "STAND-IN WEIGHTS": "stand-in"}
 
 
 def registry_rows(cfg: ExperimentConfig) -> dict:
@@ -31,7 +32,7 @@ def registry_rows(cfg: ExperimentConfig) -> dict:
             "aliases": ",".join("@" + a for a in info.aliases),
             "created": datetime.fromtimestamp(info.created_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "method": info.tags.get("method", "?"),
-            "weights": {"RANDOM WEIGHTS": "RANDOM", "STAND-IN WEIGHTS": "stand-in"}.get(info.weights_label, "pretrained"),
+            "weights": WEIGHTS.get(info.weights_label, "pretrained"),
             "data": info.data_hash[:8],
             "test_kappa": metrics.get("test_kappa"),
             "test_accuracy": metrics.get("test_accuracy"),

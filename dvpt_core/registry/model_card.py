@@ -111,8 +111,8 @@ def _metrics_table(metrics: dict[str, float], records: SampleRecords | None, set
         if records.task == "classification":
             correct = (records.table["label"] == records.table["pred"]).to_numpy(float)
             intervals["accuracy"] = estimate(correct, metric_statistic("accuracy", 0), settings)
-    names = list(intervals) + sorted(k.removeprefix("test_") for k in metrics
-                                     if k.startswith("test_") and k.removeprefix("test_") not in intervals)
+    names = list(intervals) + sorted(k.removeprefix("test_") for k in metrics if k.startswith("test_")
+                                     and k.removeprefix("test_") not in {*intervals, "samples"})
     for name in names:
         if name in intervals:
             e = intervals[name]

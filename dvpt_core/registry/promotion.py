@@ -44,6 +44,7 @@ from dvpt_core.tracking import connect  # noqa: E402
 log = logging.getLogger(__name__)
 PROMOTED, REJECTED, REFUSED = "promoted", "rejected", "refused"
 DECISION_FILE = "decision.json"
+STAND_IN_NOTE = " (STAND-IN WEIGHTS: a demonstration backbone pre-trained here on synthetic data)"
 
 
 class PromotionRefused(ValueError):
@@ -61,7 +62,7 @@ def decide(challenger: VersionInfo, metric: str, own: Estimate, comparison: Comp
     """The rule, as a pure function of the figures: RANDOM WEIGHTS never pass; the challenger's
     own metric must reach the floor; then, against a champion, the interval's lower bound must
     clear ``-margin`` (non-inferiority) or 0 (superiority)."""
-    note = " (STAND-IN WEIGHTS: a demonstration backbone pre-trained here on synthetic data)" if challenger.stand_in else ""
+    note = STAND_IN_NOTE if challenger.stand_in else ""
     if challenger.random_weights:
         return Decision(REJECTED, f"{challenger.label} has a backbone on RANDOM WEIGHTS: never promoted")
     if own.value < settings.floor:

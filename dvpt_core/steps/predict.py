@@ -71,7 +71,8 @@ def predict(model_uri: str, inputs: Path, out_dir: Path, runtime: str = "torch",
         "inputs": str(inputs), "data_dvc_md5": dvc_data_hash(inputs) if inputs.is_dir() else "untracked",
         "images": len(rows), "predicted": len(rows) - len(failures), "failed": len(failures), "failures": failures,
         "predictions": str(out_dir / PREDICTIONS_FILE),
-        "random_weights": source.meta.get("random_weights", False), "stand_in_weights": source.meta.get("stand_in", False),
+        "random_weights": source.meta.get("random_weights", False),
+        "stand_in_weights": source.meta.get("stand_in", False),
     }
     with atomic_file(out_dir / SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
