@@ -49,20 +49,22 @@ from dvpt_core.serving.pool import AdapterPool, SharedBackbone  # noqa: E402
 from dvpt_core.serving.sources import LOCAL_ONNX, ModelSource  # noqa: E402
 from dvpt_core.steps.export import export_onnx  # noqa: E402
 
+PARTS = ("swap", "memory", "latency")
 VIT_B = ["model.backbone=vit_base_patch16_clip_quickgelu_224.openai", "model.weights=random", "model.image_size=224"]
 
 
-def make_adapters(overrides: list[str], n: int, out: Path) -> list[Path]:
-    """``n`` DVPT adapters (differently seeded) over one random backbone; the first also exported."""
+def make_adapters(overrides: list[str], n: int, out: Path, export: bool) -> list[Path]:
+    """``n`` DVPT adapters (differently seeded) over one random backbone; the first also exported
+    to ONNX (``model.onnx`` in its folder) when ``export``."""
     cfg = load_config(None, overrides)
     dirs = [out / f"adapter-{i}" for i in range(n)]
     first = save_adapter(_model(cfg, 0, None), cfg, dirs[0])
     shared = SharedBackbone(ModelSource(uri=str(first), adapter_dir=first))
     for i, path in enumerate(dirs[1:], start=1):
         save_adapter(_model(cfg, i, shared), cfg, path)
-    model = shared.attach(first)
-    export_onnx(model, torch.randn(1, 3, cfg.model.image_size, cfg.model.image_size), first / LOCAL_ONNX,
-                cfg.export.opset)
+    if export:
+        example = torch.randn(1, 3, cfg.model.image_size, cfg.model.image_size)
+        export_onnx(shared.attach(first), example, first / LOCAL_ONNX, cfg.export.opset)
     return dirs
 
 
@@ -76,16 +78,21 @@ def _model(cfg, seed: int, shared: SharedBackbone | None):
 
 
 def swap_times(dirs: list[Path], rounds: int) -> dict:
-    """Milliseconds per swap onto a loaded backbone (the first load, which builds it, excluded)."""
+    """Milliseconds per swap onto a loaded backbone (the first load, which builds it, excluded):
+    wall time, and this process's CPU time (what a swap costs where it has a core to itself; on
+    a shared machine the wall time also counts the waits for one)."""
     pool = AdapterPool(Path(tempfile.mkdtemp()))
     started = time.perf_counter()
     pool.swap_in("live", ModelSource(uri=str(dirs[0]), adapter_dir=dirs[0]))
     first_ms = (time.perf_counter() - started) * 1000
-    times = [pool.swap_in("live", ModelSource(uri=str(d), adapter_dir=d)).swap_ms
-             for _, d in zip(range(rounds), _cycle(dirs[1:]))]
-    return {"first_load_ms": first_ms, "swap_ms_median": statistics.median(times),
-            "swap_ms_p95": float(np.percentile(times, 95)), "swaps": len(times),
-            "adapter_bytes": (dirs[0] / "adapter.safetensors").stat().st_size}
+    wall, cpu = [], []
+    for _, adapter_dir in zip(range(rounds), _cycle(dirs[1:])):
+        cpu_started = time.process_time()
+        wall.append(pool.swap_in("live", ModelSource(uri=str(adapter_dir), adapter_dir=adapter_dir)).swap_ms)
+        cpu.append((time.process_time() - cpu_started) * 1000)
+    return {"first_load_ms": first_ms, "swap_ms_median": statistics.median(wall),
+            "swap_ms_p95": float(np.percentile(wall, 95)), "swap_cpu_ms_median": statistics.median(cpu),
+            "swaps": len(wall), "adapter_bytes": (dirs[0] / "adapter.safetensors").stat().st_size}
 
 
 def _cycle(items: list[Path]):
@@ -245,20 +252,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads per inference in the server, both runtimes (default: all cores)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     overrides = [*VIT_B, *args.overrides]
     cfg = load_config(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = make_adapters(overrides, args.adapters, Path(tmp))
-        result = {
-            "backbone": cfg.model.backbone, "method": cfg.model.method, "image_size": cfg.model.image_size,
-            "threads": args.threads, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-            "swap": swap_times(dirs, args.swaps),
-            "memory": measure_memory(dirs, args.adapters),
-            "latency": measure_latency(dirs, cfg.model.image_size, args.requests, args.concurrency, args.blocks,
-                                       args.threads),
-        }
+        dirs = make_adapters(overrides, args.adapters, Path(tmp), export="latency" in args.parts)
+        result = {"backbone": cfg.model.backbone, "method": cfg.model.method, "image_size": cfg.model.image_size,
+                  "threads": args.threads, "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
+        if "swap" in args.parts:
+            result["swap"] = swap_times(dirs, args.swaps)
+        if "memory" in args.parts:
+            result["memory"] = measure_memory(dirs, args.adapters)
+        if "latency" in args.parts:
+            result["latency"] = measure_latency(dirs, cfg.model.image_size, args.requests, args.concurrency,
+                                                args.blocks, args.threads)
+        result["load_average_after"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from dvpt_core.cli import main
 from dvpt_core.config import PromotionConfig
 from dvpt_core.metrics.per_sample import RecordsError, classification_records
 from dvpt_core.registry.bootstrap import Estimate, compare, compare_dice, compare_kappa, quadratic_kappa
@@ -129,7 +130,7 @@ def _champion(name: str) -> str | None:
     return info.version if info else None
 
 
-def test_better_challenger_promoted_worse_rejected_both_recorded(registry_runs: dict) -> None:
+def test_better_challenger_promoted_worse_rejected_both_recorded(registry_runs: dict, capsys) -> None:
     name = "promo-better-worse"
     cfg = _cfg(registry_runs, name, "promotion.floor=-1.0")
     client = mlflow.MlflowClient()
@@ -159,6 +160,10 @@ def test_better_challenger_promoted_worse_rejected_both_recorded(registry_runs: 
     assert [(r["version"], r["decision"]) for r in table["versions"]] == [("3", REJECTED), ("2", PROMOTED),
                                                                            ("1", PROMOTED)]
     assert "@champion" in registry_text(table)
+    assert main(["registry", "--set", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
+                 "--set", f"tracking.registered_model={name}"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == name and "@champion" in printed and "lower bound not above" in printed
 
 
 def test_first_version_below_the_floor_is_not_champion(registry_runs: dict) -> None:
@@ -200,6 +205,9 @@ def test_rollback_restores_the_previous_champion(registry_runs: dict) -> None:
     assert "drift alarm on site B" in restored.description
     with pytest.raises(RegistryError, match="first champion"):
         rollback(cfg, "again")
+    # The command line says so too, and exits 2.
+    assert main(["rollback", "--why", "again", "--set", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
+                 "--set", f"tracking.registered_model={name}"]) == 2
 
 
 def test_two_promotions_racing_leave_exactly_one_champion(registry_runs: dict) -> None:

@@ -221,6 +221,22 @@ def test_batch_predict_reports_a_corrupt_file_and_predicts_the_rest(versions: di
             float(torch_table.loc[file, "p_bright"]), abs=1e-4)
 
 
+@pytest.mark.slow
+def test_batch_inference_pipeline_runs_locally(versions: dict, tmp_path) -> None:
+    from pipelines.predict_pipeline import run_predict_local
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a_bright.png").write_bytes(_png(BRIGHT))
+    (folder / "b_dark.png").write_bytes(_png(DARK))
+    (folder / "c_broken.png").write_bytes(b"not a png")
+    summary = run_predict_local(versions["runs"]["cfg"], folder, tmp_path / "kfp",
+                                model_uri=f"models:/{versions['name']}/{versions['good']}")
+    assert (summary["predicted"], summary["failed"], summary["version"]) == (2, 1, versions["good"])
+    table = pd.read_csv(summary["predictions"], keep_default_na=False)
+    assert table["label"].tolist() == ["bright", "dark", ""]
+
+
 # --- the registered pyfunc behind mlflow models serve ---------------------------------------------
 
 
