@@ -22,7 +22,7 @@ from dvpt_core.registry.history import events, rollback
 from dvpt_core.registry.listing import registry_rows, registry_text
 from dvpt_core.registry.promotion import PROMOTED, REFUSED, REJECTED, PromotionRefused, decide, promote
 from dvpt_core.registry.versions import RegistryError, VersionInfo, get_version, version_by_alias
-from tests.registry_helpers import register_run, registry_runs, with_overrides
+from tests.registry_helpers import register_run, registry_runs, with_overrides  # noqa: F401  (fixture)
 
 SETTINGS = PromotionConfig(resamples=1000)
 
@@ -160,6 +160,7 @@ def test_better_challenger_promoted_worse_rejected_both_recorded(registry_runs: 
     assert [(r["version"], r["decision"]) for r in table["versions"]] == [("3", REJECTED), ("2", PROMOTED),
                                                                            ("1", PROMOTED)]
     assert "@champion" in registry_text(table)
+    capsys.readouterr()  # what MLflow printed so far
     assert main(["registry", "--set", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
                  "--set", f"tracking.registered_model={name}"]) == 0
     printed = capsys.readouterr().out

@@ -25,7 +25,6 @@ import requests
 import uvicorn
 from PIL import Image
 
-from dvpt_core.config import ExperimentConfig
 from dvpt_core.peft import METHODS, build_model
 from dvpt_core.peft.adapter import save_adapter
 from dvpt_core.serving.pool import SHARED_BACKBONE, AdapterPool

@@ -105,7 +105,8 @@ def _delete(client: MlflowClient, lock: str) -> None:
         client.delete_registered_model(lock)
 
 
-def current_version(info: VersionInfo | None) -> str | None:
+def version_number(info: VersionInfo | None) -> str | None:
+    """The version number of ``info``, None for no version (an unset alias)."""
     return info.version if info else None
 
 
@@ -113,7 +114,7 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: str, expect
                timeout_s: float) -> None:
     """Point ``alias`` at ``version`` only if it still points at ``expected`` (None: unset)."""
     with registry_lock(client, name, timeout_s):
-        now = current_version(version_by_alias(client, name, alias))
+        now = version_number(version_by_alias(client, name, alias))
         if now != expected:
             raise ChampionMoved(f"@{alias} of {name} moved from version {expected or '(none)'} to "
                                 f"{now or '(none)'} while this decision was made")

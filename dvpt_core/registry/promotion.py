@@ -33,7 +33,7 @@ from dvpt_core.config import ExperimentConfig, PromotionConfig  # noqa: E402
 from dvpt_core.metrics.per_sample import RecordsError, SampleRecords  # noqa: E402
 from dvpt_core.registry.bootstrap import Comparison, Estimate, compare, estimate, metric_statistic  # noqa: E402
 from dvpt_core.registry.history import (  # noqa: E402
-    PREVIOUS_CHAMPION_TAG, ChampionMoved, current_version, move_alias, record_event, utc_now,
+    PREVIOUS_CHAMPION_TAG, ChampionMoved, move_alias, record_event, utc_now, version_number,
 )
 from dvpt_core.registry.model_card import publish_model_card  # noqa: E402
 from dvpt_core.registry.versions import (  # noqa: E402
@@ -91,7 +91,7 @@ def promote(cfg: ExperimentConfig, version: str | None = None, why: str = "") ->
     name, alias = cfg.tracking.registered_model, settings.champion_alias
     challenger = _challenger(client, name, version, cfg.tracking.alias)
     champion = version_by_alias(client, name, alias)
-    expected = current_version(champion)
+    expected = version_number(champion)
     if champion is not None and champion.version == challenger.version:
         raise PromotionRefused(f"{challenger.label} is already @{alias}")
     try:
