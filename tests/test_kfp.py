@@ -77,6 +77,18 @@ def test_compile_mounts_the_data_volume_where_data_is_read(tmp_path) -> None:
         ("ddr-data", "/mnt/data")}
 
 
+def test_batch_inference_pipeline_compiles_to_pretrain_then_predict(tmp_path) -> None:
+    from pipelines.predict_pipeline import compile_predict
+
+    path = compile_predict(tmp_path / "predict.yaml", tiny_config(), "reg/dvpt:1", data_pvc="ddr-data")
+    spec, platform = yaml.safe_load_all(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == {
+        "pretrain": set(), "predict": {"pretrain"}}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"data_dir", "config_json", "model_uri"}
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {"exec-predict"}
+
+
 def test_mlflow_manifest_accepts_the_in_cluster_host_on_one_worker() -> None:
     from mlflow.server.security_utils import is_allowed_host_header
 

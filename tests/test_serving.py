@@ -31,7 +31,7 @@ from dvpt_core.serving.pool import SHARED_BACKBONE, AdapterPool
 from dvpt_core.serving.server import AdapterSpec, create_app
 from dvpt_core.steps.predict import predict
 from tests.helpers import tiny_config
-from tests.registry_helpers import register_run, registry_runs  # noqa: F401  (fixture)
+from tests.registry_helpers import dvc_pointer, register_run, registry_runs  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 BRIGHT, DARK = 190, 60
@@ -195,9 +195,11 @@ def test_batch_predict_reports_a_corrupt_file_and_predicts_the_rest(versions: di
         (folder / "sub" / f"dark_{i}.png").write_bytes(_png(DARK + i))
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (folder / "notes.txt").write_text("not an image, not an input")
+    dvc_pointer(folder, "0123456789abcdef0123456789abcdef.dir")  # a DVC-tracked folder
     uri = f"models:/{versions['name']}/{versions['good']}"
 
     summary = predict(uri, folder, tmp_path / "out")
+    assert summary["data_dvc_md5"] == "0123456789abcdef0123456789abcdef.dir"
     assert (summary["images"], summary["predicted"], summary["failed"]) == (7, 6, 1)
     assert summary["failures"][0]["file"] == "broken.png" and "not a readable image" in summary["failures"][0]["error"]
     table = pd.read_csv(tmp_path / "out/predictions.csv", keep_default_na=False)
