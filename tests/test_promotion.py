@@ -113,6 +113,17 @@ def test_random_weights_never_pass_and_the_floor_holds_first() -> None:
     assert decide(_version(), "kappa", great, None, settings).outcome == PROMOTED
 
 
+def test_promote_step_skips_when_nothing_was_registered(tmp_path) -> None:
+    from dvpt_core.steps.promote import promote_step
+    from tests.helpers import tiny_config
+
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry/registered.json").write_text(json.dumps({"registered": False, "reason": "in dvc exp"}))
+    result = promote_step(tiny_config(), tmp_path / "registry", tmp_path / "promotion")
+    assert result["decision"] == "skipped" and "in dvc exp" in result["reason"]
+    assert json.loads((tmp_path / "promotion/decision.json").read_text()) == result
+
+
 # --- against a real MLflow server -----------------------------------------------------------------
 
 

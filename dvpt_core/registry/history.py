@@ -146,7 +146,12 @@ def rollback(cfg: ExperimentConfig, why: str, to_version: str | None = None) -> 
     record_event(client, target, "restored", why, from_version=current.version)
     for info in (current, target):
         publish_model_card(client, get_version(client, name, info.version))
-    move_alias(client, name, alias, target.version, current.version, cfg.promotion.lock_timeout_s)
+    try:
+        move_alias(client, name, alias, target.version, current.version, cfg.promotion.lock_timeout_s)
+    except ChampionMoved as err:
+        for info in (current, target):
+            record_event(client, info, "rollback_refused", str(err))
+        raise
     log.info("%s: @%s moved back from version %s to %s (%s)", name, alias, current.version, target.version, why)
     return {"registered_model": name, "alias": alias, "from_version": current.version,
             "to_version": target.version, "why": why, "by": actor(),
