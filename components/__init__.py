@@ -29,7 +29,7 @@ def default_image() -> str:
 
 @dataclass(frozen=True)
 class StepComponents:
-    """The seven components of the DVPT pipeline, in pipeline order."""
+    """The components of the DVPT pipeline, in pipeline order (predict: batch inference)."""
 
     pretrain: PythonComponent
     validate: PythonComponent
@@ -38,6 +38,8 @@ class StepComponents:
     evaluate: PythonComponent
     export: PythonComponent
     register: PythonComponent
+    promote: PythonComponent
+    predict: PythonComponent
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ def build_components(image: str | None = None) -> StepComponents:
         evaluate=_component(steps.evaluate, image),
         export=_component(steps.export, image),
         register=_component(steps.register, image),
+        promote=_component(steps.promote, image),
+        predict=_component(steps.predict, image),
     )
 
 

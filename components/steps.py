@@ -128,6 +128,39 @@ def register(config_json: str, model: Input[Model], onnx_model: Input[Model], re
     registration.metadata.update(result)
 
 
+def promote(config_json: str, registration: Input[Artifact], decision: Output[Artifact]) -> str:
+    """The quality gate on the version the register task created; ``decision.json`` holds the
+    figures and reason. Returns the outcome (promoted, rejected, skipped) for ``dsl.If``."""
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.promote import promote_step
+
+    result = promote_step(ExperimentConfig.from_json(config_json), Path(registration.path), Path(decision.path))
+    decision.metadata.update({k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))})
+    return result["decision"]
+
+
+def predict(config_json: str, data_dir: str, backbone: Input[Model], predictions: Output[Dataset],
+            metrics: Output[Metrics], model_uri: str = ""):
+    """Batch inference over ``data_dir`` (``predictions.csv``, ``summary.json``) with ``model_uri``,
+    by default the configured registered model's champion; unreadable files are reported, not fatal."""
+    from pathlib import Path
+
+    import mlflow
+
+    from dvpt_core.config import ExperimentConfig
+    from dvpt_core.steps.predict import predict as step
+    from dvpt_core.steps.pretrain import use_stand_in
+
+    cfg = use_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
+    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
+    uri = model_uri or f"models:/{cfg.tracking.registered_model}@{cfg.promotion.champion_alias}"
+    summary = step(uri, Path(data_dir), Path(predictions.path), weights_file=cfg.model.weights_file)
+    predictions.metadata.update({k: summary[k] for k in ("model", "version", "images", "predicted", "failed")})
+    _log_scalars(metrics, summary)
+
+
 def _log_scalars(metrics: Metrics, values: dict, prefix: str = ""):
     """Every number in a step's result (nested dicts as dotted names) as a KFP metric."""
     for key, value in values.items():

@@ -118,9 +118,58 @@ def cmd_register(args: argparse.Namespace) -> dict:
 
 
 def cmd_promote(args: argparse.Namespace) -> dict:
-    from dvpt_core.steps.register import promote
+    from dvpt_core.steps.promote import promote_step
 
-    return promote(config_from_args(args), args.version, args.alias)
+    overrides = [*args.overrides, f"promotion.champion_alias={args.alias}"]
+    if args.allow_different_data:
+        overrides.append("promotion.allow_different_data=true")
+    cfg = load_config(args.params, overrides, args.preset)
+    return promote_step(cfg, args.registration, args.out, args.version, args.why)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict:
+    from dvpt_core.registry.history import rollback
+
+    return rollback(config_from_args(args), args.why, args.to)
+
+
+def cmd_registry(args: argparse.Namespace) -> dict:
+    from dvpt_core.registry.listing import registry_rows
+
+    return registry_rows(config_from_args(args))
+
+
+def cmd_predict(args: argparse.Namespace) -> dict:
+    import mlflow
+
+    from dvpt_core.steps.predict import predict
+
+    mlflow.set_tracking_uri(config_from_args(args).tracking.resolved_uri())
+    return predict(args.model, args.input, args.out, args.runtime, args.column, args.batch_size, args.weights_file)
+
+
+def cmd_serve(args: argparse.Namespace) -> dict:
+    import mlflow
+    import uvicorn
+
+    from dvpt_core.serving.pool import AdapterPool
+    from dvpt_core.serving.server import AdapterSpec, create_app
+
+    mlflow.set_tracking_uri(config_from_args(args).tracking.resolved_uri())
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    specs = {}
+    for runtime, items in (("torch", args.adapter), ("onnx", args.onnx_adapter)):
+        for item in items:
+            name, sep, uri = item.partition("=")
+            if not sep or not name or not uri:
+                raise ValueError(f"adapter {item!r} is not NAME=URI (e.g. ddr=models:/dvpt-ddr@champion)")
+            specs[name] = AdapterSpec(uri=uri, runtime=runtime)
+    pool = AdapterPool(args.cache_dir, args.weights_file)
+    uvicorn.run(create_app(pool, specs, args.watch), host=args.host, port=args.port, log_level="info")
+    return {"served": sorted(specs)}
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
@@ -176,9 +225,42 @@ def build_parser() -> argparse.ArgumentParser:
         cache="preprocessed cache folder", train="train step folder", out="export folder")
     add("register", cmd_register, "register the adapter in the MLflow model registry",
         train="train step folder", export="export step folder", out="folder for registered.json")
-    promote = add("promote", cmd_promote, "point an alias (default champion) at a registered version")
-    promote.add_argument("--version", required=True, help="model version number")
-    promote.add_argument("--alias", default="champion")
+    promote = add("promote", cmd_promote, "quality gate: make the challenger champion if it beats (or is "
+                  "non-inferior to) the champion on the same test data", optional=("registration", "out"),
+                  registration="register step folder: decide on the version it registered (pipelines)",
+                  out="folder for decision.json")
+    promote.add_argument("--version", help="model version to decide on (default: the one at tracking.alias)")
+    promote.add_argument("--alias", default="champion", help="the alias the gate moves (default: champion)")
+    promote.add_argument("--allow-different-data", action="store_true",
+                         help="compare versions evaluated on other data (unpaired) instead of refusing")
+    promote.add_argument("--why", default="", help="a note recorded with the decision")
+    rollback = add("rollback", cmd_rollback, "move the champion back to the version it replaced")
+    rollback.add_argument("--why", required=True, help="the reason, recorded on both versions")
+    rollback.add_argument("--to", help="a version to restore instead of the previous champion")
+    registry = add("registry", cmd_registry, "list versions, aliases, metrics and promotion decisions")
+    registry.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    pred = add("predict", cmd_predict, "batch inference: a registered adapter over a folder, a CSV of image paths "
+               "or a DVC-tracked dataset folder", input="folder of images or CSV file", out="folder for "
+               "predictions.csv and summary.json")
+    pred.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an adapter folder")
+    pred.add_argument("--runtime", choices=("torch", "onnx"), default="torch")
+    pred.add_argument("--column", default="image", help="the CSV column naming images (default: image)")
+    pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument("--weights-file", type=Path, help="the backbone checkpoint on this machine "
+                      "(default: $DVPT_BACKBONE_WEIGHTS, else where training had it)")
+    serve = add("serve", cmd_serve, "serve many adapters over one frozen backbone over HTTP (FastAPI)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
+                       help="an adapter on the shared backbone, e.g. ddr=models:/dvpt-ddr@champion (repeatable)")
+    serve.add_argument("--onnx-adapter", action="append", default=[], metavar="NAME=URI",
+                       help="an adapter served from its registered ONNX graph (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--watch", type=float, help="seconds between checks for moved aliases (hot swap); off if unset")
+    serve.add_argument("--weights-file", type=Path, help="the backbone checkpoint on this machine")
+    serve.add_argument("--threads", type=int, help="CPU threads per inference, PyTorch and ONNX Runtime alike "
+                       "(default: PyTorch's, the number of cores)")
+    serve.add_argument("--cache-dir", type=Path, default=Path(".dvpt-serving"),
+                       help="where downloaded adapters are kept (default: .dvpt-serving)")
     run = add("run", cmd_run, "run every step in order without DVC")
     run.add_argument("--data", type=Path, default=Path("data"))
     run.add_argument("--out", type=Path, default=Path("outputs"))
@@ -213,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         _report(step, f"error: {describe(err)}", args.debug)
         return EXIT_USER_ERROR
     _warn_about_weights(result)
-    if args.command == "summary" and not args.json:
-        print(_summary_text(result))
+    text = TEXT_OUTPUTS.get(args.command)
+    if text and not args.json:
+        print(text(result))
     else:
         _print(result)
     return 0
@@ -262,6 +345,16 @@ def _summary_text(summary: dict) -> str:
     ]
     lines += [f"    {part:<20} {count:>11,}" for part, count in summary["trainable_by_part"].items()]
     return "\n".join(lines)
+
+
+def _registry_text(result: dict) -> str:
+    from dvpt_core.registry.listing import registry_text
+
+    return registry_text(result)
+
+
+# Subcommands that print a human-readable text unless given --json.
+TEXT_OUTPUTS: dict[str, Callable[[dict], str]] = {"summary": _summary_text, "registry": _registry_text}
 
 
 if __name__ == "__main__":

@@ -398,6 +398,32 @@ class ValidationConfig(_Strict):
     # Image files in a split folder that the dataset's lists do not name (DDR's ``<split>.txt``, a
     # ``csv`` table): they are never read, which is usually an incomplete list.
     unlisted_files: Severity = "warning"
+class PromotionConfig(_Strict):
+    """The quality gate that moves the ``champion`` alias (``dvpt promote``).
+
+    The challenger is compared with the current champion of the same registered model on the
+    same test samples by the task's primary metric (quadratic kappa for classification, mean
+    Dice for segmentation), with a paired bootstrap confidence interval of the difference
+    (challenger minus champion): ``resamples`` resamples of the test samples, seeded with
+    ``seed``, percentile interval at ``confidence``. ``rule``: "non_inferiority" promotes when
+    the interval's lower bound is above ``-margin``; "superiority" when it is above 0. Either way
+    the challenger's own metric must reach ``floor``, which is also all a first version (no
+    champion yet) must clear. A backbone on RANDOM WEIGHTS is never promoted. Versions evaluated
+    on other data (DVC hash) or other test samples are refused unless ``allow_different_data``,
+    and are then compared unpaired (each model resampled on its own test set).
+    """
+
+    rule: Literal["non_inferiority", "superiority"] = "non_inferiority"
+    # In metric units: kappa differences between the compared methods are about 0.003-0.03.
+    margin: float = Field(default=0.01, ge=0)
+    floor: float = 0.6
+    resamples: int = Field(default=2000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    seed: int = 0
+    champion_alias: str = "champion"
+    allow_different_data: bool = False
+    # How long another promotion's hold on the registry counts before it is taken as crashed.
+    lock_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class ExportConfig(_Strict):
@@ -414,6 +440,7 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -46,6 +46,20 @@ def cmd_submit(args: argparse.Namespace) -> dict:
                   tracking_secret=args.tracking_secret)
 
 
+def cmd_compile_predict(args: argparse.Namespace) -> dict:
+    from components import default_image
+    from pipelines.predict_pipeline import compile_predict
+
+    image = args.image or default_image()
+    return {"package": str(compile_predict(args.out, config_from_args(args), image, args.data_pvc)), "image": image}
+
+
+def cmd_predict_local(args: argparse.Namespace) -> dict:
+    from pipelines.predict_pipeline import run_predict_local
+
+    return run_predict_local(config_from_args(args), args.data, args.pipeline_root, args.model or "")
+
+
 def _grid(args: argparse.Namespace, cfg: ExperimentConfig) -> list[dict]:
     """The cells the flags ask for, each checked against the schema now rather than in a pod later."""
     from dvpt_core.steps.compare import (
@@ -128,6 +142,13 @@ def add_kfp_commands(subparsers: argparse._SubParsersAction,
                     cmd_compile_compare, grid=True)
     local_command("compare-local", "run the method-comparison pipeline here with kfp.local", cmd_compare_local,
                   grid=True)
+
+    compile_command("compile-predict", "compile the batch-inference pipeline (submit it with submit --package)",
+                    "predict.yaml", cmd_compile_predict, grid=False)
+    local_command("predict-local", "run the batch-inference pipeline here with kfp.local", cmd_predict_local,
+                  grid=False)
+    sub.choices["predict-local"].add_argument("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION "
+                                              "(default: the configured registered model's @champion)")
 
     submit = sub.add_parser("submit", help="submit a run to a Kubeflow Pipelines host")
     config_args(submit)

@@ -1,4 +1,4 @@
-"""The DVPT Kubeflow pipeline: validate -> preprocess -> train -> (evaluate, export) -> register.
+"""The DVPT Kubeflow pipeline: validate -> preprocess -> train -> (evaluate, export) -> register -> promote.
 
 Every task runs a component from :mod:`components`, i.e. the same ``dvpt_core.steps`` function
 ``dvc repro`` runs; the pipeline only wires artifacts between them. It takes two parameters:
@@ -15,6 +15,9 @@ dropped from the ``config_json`` default (with a warning), and the tasks that ta
 take them from a Kubernetes secret instead (``tracking_secret``: its keys
 ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN`` become
 those environment variables, which MLflow's client reads).
+The promote task is the quality gate (``dvpt_core.steps.promote``); when it promotes, a batch
+inference task runs the new champion over ``data_dir`` (``dsl.If`` on the decision), a smoke
+test of the served model on real files.
 
 No ``from __future__ import annotations``: ``dsl.pipeline`` reads the pipeline function's
 annotations as real types.
@@ -38,6 +41,7 @@ from kfp.dsl.graph_component import GraphComponent
 from components import build_components
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.secrets import MLFLOW_CREDENTIAL_ENV, has_credentials, mask_uri, strip_credentials
+from dvpt_core.registry.promotion import DECISION_FILE
 
 log = logging.getLogger(__name__)
 PIPELINE_NAME = "dvpt-pipeline"
@@ -56,7 +60,8 @@ def build_pipeline(image: str | None = None, data_pvc: str | None = None,
     """
     step = build_components(image)
     outputs = NamedTuple(
-        "Outputs", [("model", dsl.Model), ("registration", dsl.Artifact), ("test_metrics", dsl.Metrics)]
+        "Outputs", [("model", dsl.Model), ("registration", dsl.Artifact), ("test_metrics", dsl.Metrics),
+                    ("decision", dsl.Artifact)]
     )
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
@@ -76,16 +81,19 @@ def build_pipeline(image: str | None = None, data_pvc: str | None = None,
         registered = step.register(
             config_json=config_json, model=model, onnx_model=exported.outputs["onnx_model"]
         ).after(evaluated)
-        for task in (validated, cached, trained, evaluated, exported, registered):
+        promoted = step.promote(config_json=config_json, registration=registered.outputs["registration"])
+        with dsl.If(promoted.outputs["Output"] == "promoted", name="promoted"):
+            champion = step.predict(config_json=config_json, data_dir=data_dir, backbone=backbone)
+        for task in (validated, cached, trained, evaluated, exported, registered, promoted, champion):
             task.set_caching_options(enable_caching=False)
         # The stand-in is a pure function of the configuration: reuse it across runs.
         pretrained.set_caching_options(enable_caching=True)
         if data_pvc:
-            for task in (validated, cached, trained):
+            for task in (validated, cached, trained, champion):
                 kubernetes.mount_pvc(task, pvc_name=data_pvc, mount_path=DATA_MOUNT)
         use_tracking_secret(tracking_secret, trained, evaluated, registered)
         return outputs(model=model, registration=registered.outputs["registration"],
-                       test_metrics=evaluated.outputs["metrics"])
+                       test_metrics=evaluated.outputs["metrics"], decision=promoted.outputs["decision"])
 
     return dvpt_pipeline
 
@@ -175,7 +183,8 @@ def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dic
     registration = Path(task.outputs["registration"].path)
     registered = json.loads((registration / "registered.json").read_text())
     # kfp.local writes <pipeline_root>/<run>/<task>/<output>: every task's outputs sit in run_dir.
-    return {**registered, "test_metrics": dict(task.outputs["test_metrics"].metadata),
+    decision = json.loads((Path(task.outputs["decision"].path) / DECISION_FILE).read_text())
+    return {**registered, "test_metrics": dict(task.outputs["test_metrics"].metadata), "promotion": decision,
             "random_weights": task.outputs["model"].metadata["random_weights"],
             "stand_in_weights": task.outputs["model"].metadata["stand_in_weights"],
             "run_dir": str(registration.parents[1])}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -38,7 +39,7 @@ def _tiny_params(tracking_uri: str) -> dict:
             node = node.setdefault(section, {})
         node[leaf] = yaml.safe_load(value)
     # dvc.yaml's stages track these sections; DVC needs them present (empty: the schema's defaults).
-    for section in ("data", "pretrain", "export"):
+    for section in ("data", "pretrain", "export", "promotion"):
         params.setdefault(section, {})
     params["model"].setdefault("backbone_kwargs", {})
     return params
@@ -73,7 +74,7 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     assert _dvc(project, "add", "data").returncode == 0
     repro = _dvc(project, "repro")
     assert repro.returncode == 0, repro.stdout + repro.stderr
-    for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register"):
+    for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register", "promote"):
         assert f"Running stage '{stage}'" in repro.stdout
 
     registered = json.loads((project / "outputs/registry/registered.json").read_text())
@@ -92,13 +93,20 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     assert version.tags["data_dvc_md5"] == data_md5
     run = client.get_run(version.run_id)
     assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {data_md5}
+    decision = json.loads((project / "outputs/promotion/decision.json").read_text())
+    assert decision["decision"] == "rejected" and "RANDOM WEIGHTS" in decision["reason"]
     pyfunc = mlflow.pyfunc.load_model("models:/dvc-tiny@challenger")
     model = load_adapter(project / "outputs/train/adapter")
     split = CachedSplit(project / "outputs/cache/test", model.info.mean, model.info.std)
     batch = torch.stack([split[i][0] for i in range(4)])
     with torch.no_grad():
-        expected = model(batch).numpy()
-    np.testing.assert_allclose(pyfunc.predict(batch.numpy()), expected, atol=1e-5, rtol=0)
+        expected = torch.softmax(model(batch), dim=1).numpy()
+    # The served model takes the cached uint8 images (already at its size) and normalises them itself.
+    raw = list(split.images[:4])
+    served = pyfunc.predict(pd.DataFrame({"image": raw}))
+    names = json.loads((project / "outputs/train/adapter/adapter.json").read_text())["class_names"]
+    probabilities = np.array([[row[c] for c in names] for row in served["probabilities"]])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
 
     again = _dvc(project, "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout
@@ -110,7 +118,7 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     assert exp.returncode == 0, exp.stdout + exp.stderr
     ran = {stage for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register")
            if f"Running stage '{stage}'" in exp.stdout}
-    assert ran == {"train", "evaluate", "export", "register"}
+    assert ran == {"train", "evaluate", "export", "register", "promote"}
     shown = _dvc(project, "exp", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     kappas = _find(json.loads(shown.stdout), "kappa")

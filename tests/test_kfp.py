@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -18,7 +19,8 @@ from pipelines.dvpt_pipeline import compile_pipeline, run_local, submit
 from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# Each task's upstream tasks: the six steps, evaluate and export side by side after train.
+# Each task's upstream tasks: the steps, evaluate and export side by side after train, and the
+# champion's batch inference in the condition on the promotion decision.
 UPSTREAM = {
     "pretrain": set(),
     "validate": set(),
@@ -27,6 +29,8 @@ UPSTREAM = {
     "evaluate": {"pretrain", "preprocess", "train"},
     "export": {"pretrain", "preprocess", "train"},
     "register": {"train", "evaluate", "export"},
+    "promote": {"register"},
+    "condition-1": {"pretrain", "promote"},
 }
 
 
@@ -50,7 +54,9 @@ def test_compile_wires_seven_steps_in_one_image(tmp_path, monkeypatch, image, en
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == UPSTREAM
     # Only the stand-in backbone, a function of the configuration alone, is reused from KFP's cache.
-    assert {name for name, task in tasks.items() if task["cachingOptions"].get("enableCache")} == {"pretrain"}
+    assert {name for name, task in tasks.items()
+            if task.get("cachingOptions", {}).get("enableCache")} == {"pretrain"}
+    assert tasks["condition-1"]["triggerPolicy"]["condition"].endswith("== 'promoted'")
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {expected}
     # No pip install at start: the image already holds dvpt_core and kfp.
@@ -66,9 +72,21 @@ def test_compile_mounts_the_data_volume_where_data_is_read(tmp_path) -> None:
     path = compile_pipeline(tmp_path / "pipeline.yaml", tiny_config(), "reg/dvpt:1", data_pvc="ddr-data")
     _, platform = yaml.safe_load_all(path.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-validate", "exec-preprocess", "exec-train"}
+    assert set(executors) == {"exec-validate", "exec-preprocess", "exec-train", "exec-predict"}
     assert {(m["constant"], m["mountPath"]) for e in executors.values() for m in e["pvcMount"]} == {
         ("ddr-data", "/mnt/data")}
+
+
+def test_batch_inference_pipeline_compiles_to_pretrain_then_predict(tmp_path) -> None:
+    from pipelines.predict_pipeline import compile_predict
+
+    path = compile_predict(tmp_path / "predict.yaml", tiny_config(), "reg/dvpt:1", data_pvc="ddr-data")
+    spec, platform = yaml.safe_load_all(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == {
+        "pretrain": set(), "predict": {"pretrain"}}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"data_dir", "config_json", "model_uri"}
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {"exec-predict"}
 
 
 def test_mlflow_manifest_accepts_the_in_cluster_host_on_one_worker() -> None:
@@ -143,13 +161,19 @@ def test_local_run_registers_a_challenger_that_predicts_like_the_adapter(tmp_pat
     run_dir = Path(result["run_dir"])
     assert "data:image/png;base64," in (run_dir / "evaluate/confusion_matrix").read_text()
     assert "dataset_manifest" in (run_dir / "validate/data_docs").read_text()
+    # RANDOM WEIGHTS: the gate rejects the version, so the champion's batch inference never runs.
+    assert result["promotion"]["decision"] == "rejected" and "RANDOM WEIGHTS" in result["promotion"]["reason"]
+    assert not (run_dir / "predict").exists()
     model = load_adapter(run_dir / "train/model/adapter")
     info = model.info
     images, _ = next(iter(make_loader(run_dir / "preprocess/cache/test", info.mean, info.std, False, cfg)))
     with torch.no_grad():
-        expected = model(images).numpy()
-    served = mlflow.pyfunc.load_model(f"models:/{name}@challenger").predict(images.numpy())
-    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+        expected = torch.softmax(model(images), dim=1).numpy()
+    # The served model takes the cached uint8 images (already at its size) and normalises them itself.
+    raw = np.load(run_dir / "preprocess/cache/test/images.npy")[: len(images)]
+    served = mlflow.pyfunc.load_model(f"models:/{name}@challenger").predict(pd.DataFrame({"image": list(raw)}))
+    probabilities = np.array([[row[c] for c in cfg.data.class_names] for row in served["probabilities"]])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
 
 
 
@@ -163,4 +187,5 @@ def test_local_run_stops_at_validation_on_a_corrupt_image(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="validate"):
         run_local(cfg, data, tmp_path / "kfp")
     (run_dir,) = (tmp_path / "kfp").glob("dvpt-pipeline-*")
-    assert [p.name for p in run_dir.iterdir() if p.is_dir()] == ["validate"]
+    # Nothing downstream of validation ran (pretrain does not depend on it and may run first).
+    assert {p.name for p in run_dir.iterdir() if p.is_dir()} - {"pretrain"} == {"validate"}

@@ -18,6 +18,9 @@ from dvpt_core.config import ExperimentConfig
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.engine import predict
 from dvpt_core.metrics.classification import classification_metrics, confusion_matrix, plot_confusion_matrix
+from dvpt_core.metrics.per_sample import (
+    ARTIFACT_DIR, classification_records, records_file, split_sample_ids, write_records,
+)
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import apply_adapter, config_for_adapter
 from dvpt_core.runtime import resolve_device
@@ -47,12 +50,17 @@ def evaluate(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: P
     report = {**metrics, "split": split, "random_weights": info.random_weights, "stand_in_weights": info.stand_in}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     _write_predictions(out_dir / "predictions.csv", labels, preds, cfg.data.class_names)
+    # Per test image, for the promotion gate's paired bootstrap (dvpt_core.registry.promotion).
+    ids = split_sample_ids(cache_dir, split, len(labels))
+    records = write_records(out_dir / records_file(split),
+                            classification_records(ids, labels.tolist(), preds.tolist(), split, cfg.data.class_names))
     run = read_run_file(train_dir)
     with resume_run(cfg, run["run_id"]):
         # On the logged model too, so the registry shows each version's test scores.
         mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics.items()}, model_id=run.get("model_id"))
         mlflow.log_artifact(str(plot))
         mlflow.log_artifact(str(out_dir / "metrics.json"))
+        mlflow.log_artifact(str(records), artifact_path=ARTIFACT_DIR)
     log.info("%s: kappa=%.4f accuracy=%.4f on %d images", split, metrics["kappa"], metrics["accuracy"], len(labels))
     return {**report, "confusion_matrix": matrix.tolist()}
 

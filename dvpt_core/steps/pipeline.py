@@ -9,12 +9,13 @@ from dvpt_core.steps.evaluate import evaluate
 from dvpt_core.steps.export import export
 from dvpt_core.steps.preprocess import preprocess
 from dvpt_core.steps.pretrain import pretrain_if_stand_in, use_stand_in
+from dvpt_core.steps.promote import promote_step
 from dvpt_core.steps.register import register
 from dvpt_core.steps.train import train
 from dvpt_core.steps.validate import validate
 
 # Sub-folders of the output root, the same names dvc.yaml uses for its outs.
-STEP_DIRS = ("pretrain", "validation", "cache", "train", "evaluation", "export", "registry")
+STEP_DIRS = ("pretrain", "validation", "cache", "train", "evaluation", "export", "registry", "promotion")
 
 
 def run_all(cfg: ExperimentConfig, data_root: Path, out_root: Path) -> dict:
@@ -29,5 +30,6 @@ def run_all(cfg: ExperimentConfig, data_root: Path, out_root: Path) -> dict:
     metrics = evaluate(cfg, out["cache"], out["train"], out["evaluation"])
     exported = export(cfg, out["cache"], out["train"], out["export"])
     registered = register(cfg, out["train"], out["export"], out["registry"])
-    return {"train": trained, "test": metrics, "export": exported, "registry": registered,
+    promoted = promote_step(cfg, out["registry"], out["promotion"])
+    return {"train": trained, "test": metrics, "export": exported, "registry": registered, "promotion": promoted,
             "random_weights": metrics["random_weights"], "stand_in_weights": metrics["stand_in_weights"]}

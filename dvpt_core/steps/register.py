@@ -6,9 +6,11 @@ exists (the alias name, the adapter and ONNX files, a finished and synced train 
 is created with its lineage tags and description in the same call, so no version is ever READY
 without them; a failure after creation (the alias move) deletes the version again (or, when even
 that fails, tags it ``dvpt.registration=failed``); and registering the same train run twice returns
-the version the first call made. ``registered.json`` is written last.
+the version the first call made. ``registered.json`` is written last. The version's model card
+(``dvpt_core.registry.model_card``) then replaces its description.
 
-Promotion is an alias move (``dvpt promote``): MLflow stages are deprecated.
+Promotion to ``champion`` is the quality gate of ``dvpt promote`` (``dvpt_core.registry.promotion``):
+an alias move, MLflow stages being deprecated.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from mlflow.tracking import MlflowClient
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.models.backbone import RANDOM_WEIGHTS_WARNING, STAND_IN_WARNING
 from dvpt_core.peft.adapter import check_against_adapter, verify_adapter
+from dvpt_core.registry.model_card import publish_model_card
+from dvpt_core.registry.versions import get_version
 from dvpt_core.secrets import mask_uri
-from dvpt_core.serving.logged_model import model_signature
+from dvpt_core.serving.logged_model import onnx_signature
 from dvpt_core.tracking import connect, dvc_experiment, read_run_file, resume_run
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,7 @@ def register(cfg: ExperimentConfig, train_dir: Path, export_dir: Path, out_dir: 
         _undo(client, version)
         raise RegistrationError(f"could not set alias {cfg.tracking.alias!r} on {name} version {version.version} "
                                 f"({err}); the version was removed, nothing is registered") from None
+    publish_model_card(client, get_version(client, name, version.version), cfg.promotion)
     result = {
         "registered": True, "registered_model": name, "version": version.version, "alias": cfg.tracking.alias,
         "model_uri": f"models:/{name}@{cfg.tracking.alias}", "run_id": run["run_id"],
@@ -112,7 +117,7 @@ def _log_onnx(cfg: ExperimentConfig, run: dict[str, Any], onnx_path: Path, adapt
                                         filter_string=f"source_run_id = '{run['run_id']}' AND name = '{ONNX_MODEL_NAME}'")
     if found:
         return f"models:/{found[0].model_id}"
-    _, signature = model_signature(adapter_dir)
+    signature = onnx_signature(adapter_dir)
     with resume_run(cfg, run["run_id"]):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=ONNX_MODEL_NAME, signature=signature,
                                      pip_requirements=["onnxruntime"])
@@ -167,13 +172,3 @@ def _skip(out_dir: Path, reason: str) -> dict:
     log.info("not registering: %s", reason)
     return result
 
-
-def promote(cfg: ExperimentConfig, version: str, alias: str = "champion") -> dict:
-    """Point ``alias`` (default ``champion``) at ``version`` of the configured registered model."""
-    connect(cfg)
-    client = MlflowClient()
-    name = cfg.tracking.registered_model
-    client.get_model_version(name, version)
-    client.set_registered_model_alias(name, alias, version)
-    log.info("%s version %s is now @%s", name, version, alias)
-    return {"registered_model": name, "version": version, "alias": alias}
