@@ -193,6 +193,8 @@ def test_settings_not_given_come_from_the_adapter(prepared: Path, tmp_path: Path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    # An experiment of this store: another test may have left MLflow's active one pointing elsewhere.
+    mlflow.set_experiment("faults-data")
     with mlflow.start_run() as run:
         pass
     train = train_copy(prepared, tmp_path)
