@@ -45,6 +45,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
         torch.onnx.export(
             model.eval(), (example,), tmp, input_names=[INPUT], output_names=[OUTPUT],
             opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), external_data=False,
+            # Quiet: its progress lines go to stdout, where the CLI prints its JSON result.
+            verbose=False,
         )
         onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
