@@ -141,7 +141,7 @@ def test_local_run_registers_a_challenger_that_predicts_like_the_adapter(tmp_pat
     assert {"kappa", "accuracy"} <= set(result["test_metrics"])
 
     run_dir = Path(result["run_dir"])
-    assert "data:image/png;base64," in (run_dir / "evaluate/confusion_matrix").read_text()
+    assert "data:image/png;base64," in (run_dir / "evaluate/report").read_text()
     assert "dataset_manifest" in (run_dir / "validate/data_docs").read_text()
     model = load_adapter(run_dir / "train/model/adapter")
     info = model.info
