@@ -58,6 +58,14 @@ def _argmax(model: torch.nn.Module, split: CachedSplit) -> np.ndarray:
         return model(torch.stack([split[i][0] for i in range(len(split))])).argmax(1).numpy()
 
 
+def _random_head(model: torch.nn.Module) -> torch.nn.Module:
+    """An untrained model whose classifier is random (a new one starts at zero: all background),
+    so its label maps hold every class in patches, as a trained one's would."""
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    return model
+
+
 def _mean_dice(preds: np.ndarray, truths: np.ndarray, num_classes: int) -> float:
     """Mean over cases and foreground classes of medpy's Dice with the published empty-mask rules."""
     return float(np.mean([[transunet_reference(p == k, t == k, None)[0] for k in range(1, num_classes)]
@@ -90,6 +98,30 @@ def test_train_keeps_the_epoch_of_best_validation_dice(kvasir: dict) -> None:
     assert _mean_dice(_argmax(model, valid), valid.masks, 2) == pytest.approx(max(dice), abs=1e-9)
     logged = mlflow.MlflowClient(kvasir["cfg"].tracking.tracking_uri).get_logged_model(summary["model_id"])
     assert {m.key for m in logged.metrics} >= {"best_val_dice", "best_epoch", "test_dice", "test_hd95_polyp"}
+
+
+class _ScriptedDice(SegmentationTask):
+    """The segmentation task with its validation Dice replaced by a script, recording the trainable
+    tensors each epoch ended with: the selection, not the model, is under test."""
+
+    def __init__(self, script: list[float]) -> None:
+        self.script, self.states = list(script), []
+
+    def validate(self, run: Prediction) -> dict[str, float]:
+        self.states.append({k: v.clone() for k, v in run.model.trainable_state_dict().items()})
+        return {**super().validate(run), "val_dice": self.script.pop(0)}
+
+
+def test_the_adapter_is_the_epoch_of_best_validation_dice_not_the_last(kvasir: dict, tmp_path, monkeypatch) -> None:
+    task = _ScriptedDice([0.2, 0.5, 0.5, 0.3])
+    monkeypatch.setattr("dvpt_core.steps.train.get_task", lambda name: task)
+    cfg = tiny_segformer_config(*KVASIR, "train.epochs=4", "train.max_steps_per_epoch=1",
+                                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    summary = train(cfg, kvasir["root"] / "cache", tmp_path / "train")
+    assert (summary["best_epoch"], summary["best_val_dice"]) == (2, 0.5), "the earliest of the best"
+    saved = load_adapter(tmp_path / "train" / "adapter").trainable_state_dict()
+    assert all(torch.equal(saved[k], task.states[1][k]) for k in saved)
+    assert not all(torch.equal(saved[k], task.states[3][k]) for k in saved)
 
 
 def test_evaluate_writes_cases_class_table_overlays_and_metrics(kvasir: dict) -> None:
@@ -137,7 +169,7 @@ def test_validation_dice_scores_each_volume_from_its_slices(tmp_path: Path) -> N
     root = _prepared(tmp_path, *ACDC, "synthetic.volumes=6")
     cfg = tiny_segformer_config(*ACDC, "model.gate_init=0.5")
     seed_everything(0)
-    model = build_model(cfg).eval()
+    model = _random_head(build_model(cfg)).eval()
     loader = make_loader(root / "cache" / "valid", model.info.mean, model.info.std, False, cfg)
     scores = get_task("segmentation").validate(
         Prediction(model, loader, torch.device("cpu"), False, cfg.data.class_names, root / "cache", "valid"))
@@ -157,11 +189,10 @@ def test_3d_evaluation_writes_nifti_with_the_input_affine_and_scores_volumes(tmp
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_segformer_config(*ACDC, "model.gate_init=0.5", f"tracking.tracking_uri={uri}")
     seed_everything(0)
-    model = build_model(cfg)
+    model = _random_head(build_model(cfg))
     save_adapter(model, cfg, tmp_path / "train" / "adapter")
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        pass
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run("0")  # a new store's Default experiment; evaluate logs to this run
     (tmp_path / "train" / "run.json").write_text(json.dumps({"run_id": run.info.run_id}))
 
     report = evaluate(cfg, root / "cache", tmp_path / "train", tmp_path / "evaluation")
@@ -184,7 +215,6 @@ def test_3d_evaluation_writes_nifti_with_the_input_affine_and_scores_volumes(tmp
             dice, _, hd = transunet_reference(np.asarray(predicted.dataobj) == k, np.asarray(truth.dataobj) == k,
                                               spacing)
             assert float(row["dice"]) == pytest.approx(dice) and float(row["hd95"]) == pytest.approx(hd, rel=1e-6)
-    client = mlflow.MlflowClient(uri)
     assert {"test_dice", "test_hd95", "test_dice_LV"} <= set(client.get_run(run.info.run_id).data.metrics)
 
 
