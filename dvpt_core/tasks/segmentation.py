@@ -79,7 +79,7 @@ class SegmentationTask(Task):
         table = out_dir / CLASS_TABLE_FILE
         with atomic_file(table) as tmp:
             tmp.write_text(markdown_table([*per_class, mean], unit))
-        figure = self._overlays(run, cases, label_maps, out_dir / FIGURES_DIR / "overlays.png", title)
+        figure = self._overlays(run, cases, label_maps, truths, out_dir / FIGURES_DIR / "overlays.png", title)
         report = {
             **{m: mean[m] for m in METRICS}, "hd95_unit": unit, "cases": len(cases),
             "per_class": {row["class"]: {key: row[key] for key in (*METRICS, "missed")} for row in per_class},
@@ -94,11 +94,10 @@ class SegmentationTask(Task):
             extra=extra,
         )
 
-    def _overlays(self, run: Prediction, cases: list[CaseScores], label_maps: np.ndarray, path: Path,
-                  title: str) -> Path:
+    def _overlays(self, run: Prediction, cases: list[CaseScores], label_maps: np.ndarray, truths: np.ndarray,
+                  path: Path, title: str) -> Path:
         """Up to :data:`OVERLAY_CASES` cases from worst to best Dice; a 3D case shows the slice of
         its volume with the most ground-truth foreground. Panels are at the cache's resolution."""
-        truths = np.load(run.split_dir / MASKS_FILE, mmap_mode="r")
         ranked = sorted(range(len(cases)), key=lambda i: cases[i].mean_dice)
         picks = np.unique(np.linspace(0, len(ranked) - 1, min(len(ranked), OVERLAY_CASES)).round().astype(int))
         shown = [self._shown_slice(run.split_dir, cases[ranked[p]], ranked[p], truths) for p in picks]
