@@ -59,6 +59,7 @@ from dvpt_core.steps.compare import (  # noqa: E402
     ALL_METHODS, DEFAULT_RATIOS, DEFAULT_SEEDS, cell_config, compare, expand_grid, markdown,
     parse_method_overrides, table,
 )
+from dvpt_core.tasks import get_task  # noqa: E402
 
 log = logging.getLogger("quality")
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     title = f"{base.model.backbone} ({origin}) adapted to {args.data or 'the synthetic DR-grading target'}"
     result = compare(base, train_dirs, out / "report", title=title)
     wall = time.perf_counter() - start
-    header, rows = table(result["summary"], result["ranking"])
+    header, rows = table(result["summary"], result["ranking"], get_task(base.data.task).comparison_metrics)
     summary = {
         "wall_time_s": wall, "backbone_s": backbone_s, "cells": len(grid), "workers": args.workers,
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "scale": asdict(scale),

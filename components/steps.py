@@ -1,4 +1,4 @@
-"""The bodies of the six KFP components, one per ``dvpt_core.steps`` function.
+"""The bodies of the seven KFP components, one per ``dvpt_core.steps`` function.
 
 KFP serialises each function's source into the component, so every body imports what it needs
 inside itself and does no work of its own: it parses ``config_json`` (the one schema), calls the
@@ -85,8 +85,9 @@ def train(config_json: str, data_dir: str, cache: Input[Dataset], backbone: Inpu
 
 
 def evaluate(config_json: str, cache: Input[Dataset], backbone: Input[Model], model: Input[Model],
-             evaluation: Output[Artifact], confusion_matrix: Output[HTML], metrics: Output[Metrics]):
-    """Test-split kappa and accuracy; the confusion matrix as an inline HTML page."""
+             evaluation: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
+    """The task's test metrics (kappa and accuracy, or Dice, IoU and HD95); ``report`` shows the
+    task's main figure inline (the confusion matrix, or images with their true and predicted masks)."""
     from pathlib import Path
 
     from dvpt_core.config import ExperimentConfig
@@ -94,10 +95,10 @@ def evaluate(config_json: str, cache: Input[Dataset], backbone: Input[Model], mo
     from dvpt_core.steps.pretrain import use_stand_in
 
     cfg = use_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
-    report = step(cfg, Path(cache.path), Path(model.path), Path(evaluation.path))
-    _image_page(Path(evaluation.path) / "confusion_matrix.png", Path(confusion_matrix.path),
-                f"Confusion matrix on {report['split']}" + _weights_note(report))
-    _log_scalars(metrics, report)
+    result = step(cfg, Path(cache.path), Path(model.path), Path(evaluation.path))
+    _image_page(Path(result["figure"]), Path(report.path),
+                f"{result['figure_title']} on {result['split']}" + _weights_note(result))
+    _log_scalars(metrics, result)
 
 
 def export(config_json: str, cache: Input[Dataset], backbone: Input[Model], model: Input[Model],

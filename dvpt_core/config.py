@@ -61,6 +61,7 @@ class DataConfig(_Strict):
     """
 
     format: DataFormat = "ddr"
+    # What every step trains, scores, exports and serves (``dvpt_core.tasks``); set by ``format``.
     task: Literal["classification", "segmentation"] = "classification"
     class_names: list[str] = Field(default_factory=lambda: list(DDR_GRADES), min_length=2)
     # Images larger than this are refused before decoding (decompression bombs).

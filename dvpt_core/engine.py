@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -22,8 +22,10 @@ def train_one_epoch(
     grad_clip: float | None = None,
     max_steps: int | None = None,
     desc: str = "train",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
 ) -> float:
-    """One pass; ``on_step`` receives the optimiser step count (for per-step LR schedules)."""
+    """One pass; ``on_step`` receives the optimiser step count (for per-step LR schedules).
+    ``loss_fn(logits, targets)``: the task's loss (``dvpt_core.tasks``), cross-entropy by default."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total, seen = 0.0, 0
@@ -32,7 +34,7 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(progress, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
-            loss = nn.functional.cross_entropy(model(images).float(), labels)
+            loss = loss_fn(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -48,6 +50,23 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    *,
+    amp: bool = False,
+    desc: str = "predict",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Float32 logits and targets batch by batch, both on ``device``, so a caller can reduce each
+    batch there before the next (a segmentation split's logits would not fit in memory at once)."""
+    model.eval()
+    for images, target in tqdm(batches, desc=desc, leave=False, disable=None):
+        with autocast(device, amp):
+            logits = model(images.to(device)).float()
+        yield logits, target.to(device)
+
+
 def predict(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -56,14 +75,10 @@ def predict(
     amp: bool = False,
     desc: str = "predict",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on the CPU) and labels for every batch."""
-    model.eval()
-    logits, labels = [], []
-    for images, target in tqdm(batches, desc=desc, leave=False, disable=None):
-        with autocast(device, amp):
-            logits.append(model(images.to(device)).float().cpu())
-        labels.append(target)
-    return torch.cat(logits), torch.cat(labels)
+    """Logits (float32, on the CPU) and labels for every batch, concatenated."""
+    pairs = [(logits.cpu(), labels.cpu()) for logits, labels in predict_batches(model, batches, device, amp=amp,
+                                                                                   desc=desc)]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
 def _length(batches: Iterable, max_steps: int | None) -> int | None:

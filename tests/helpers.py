@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 from dvpt_core.config import ExperimentConfig, load_config
 
@@ -32,6 +33,19 @@ TINY = [
 
 def tiny_config(*overrides: str) -> ExperimentConfig:
     return load_config(None, [*TINY, *overrides])
+
+
+def params_tree(items: list[str]) -> dict:
+    """``KEY=VALUE`` overrides as the nested mapping a params.yaml holds (values read as YAML)."""
+    params: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        *sections, leaf = key.split(".")
+        node = params
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    return params
 
 # A tiny randomly initialised SegFormer (MiT-B0's layout at widths 8-32, depths 1, 2, 3, 1) for
 # 2-class segmentation at 64x64: its stages see 16x16, 8x8, 4x4 and 2x2 tokens. Builds in well

@@ -25,6 +25,7 @@ def _row(method: str, seed: int, ratio: float, kappa: float, accuracy: float, tr
             "trainable": trainable, "random_weights": False, "kappa": kappa, "accuracy": accuracy}
 
 
+METRICS = ("kappa", "accuracy")
 ROWS = [
     _row("dvpt", 0, 0.5, 0.60, 0.50, 1000), _row("dvpt", 1, 0.5, 0.70, 0.60, 1000),
     _row("dvpt", 0, 1.0, 0.80, 0.70, 1000), _row("dvpt", 1, 1.0, 0.90, 0.80, 1000),
@@ -47,7 +48,7 @@ def test_expand_grid_and_cell_config_set_method_seed_ratio_and_method_overrides(
 
 
 def test_summary_is_mean_and_sample_std_per_method_and_ratio_and_ranks_by_mean_kappa() -> None:
-    summary = summarise(ROWS)
+    summary = summarise(ROWS, METRICS)
     assert [(e["method"], e["label_ratio"], e["n"]) for e in summary] == [
         ("dvpt", 0.5, 2), ("dvpt", 1.0, 2), ("linear", 0.5, 2), ("linear", 1.0, 2)]
     dvpt_half = summary[0]
@@ -56,12 +57,12 @@ def test_summary_is_mean_and_sample_std_per_method_and_ratio_and_ranks_by_mean_k
     assert dvpt_half["accuracy_mean"] == pytest.approx(0.55)
     assert summary[2]["kappa_std"] == 0.0
     # dvpt: (0.65 + 0.85) / 2 = 0.75 beats linear: (0.40 + 0.90) / 2 = 0.65, though linear wins at 100%.
-    ranking = rank(summary)
+    ranking = rank(summary, "kappa")
     assert [(r["rank"], r["method"]) for r in ranking] == [(1, "dvpt"), (2, "linear")]
     assert ranking[1]["kappa_at_max_ratio"] == pytest.approx(0.90)
-    assert scores(summary)["linear_r1_kappa_mean"] == pytest.approx(0.90)
+    assert scores(summary, METRICS)["linear_r1_kappa_mean"] == pytest.approx(0.90)
 
-    header, rows = table(summary, ranking)
+    header, rows = table(summary, ranking, METRICS)
     assert header == ["rank", "method", "trainable", "kappa @ 50%", "kappa @ 100%", "accuracy @ 50%",
                       "accuracy @ 100%"]
     assert rows[0] == ["1", "dvpt", "1,000", "0.650 ± 0.071", "0.850 ± 0.071", "0.550 ± 0.071", "0.750 ± 0.071"]
@@ -70,9 +71,9 @@ def test_summary_is_mean_and_sample_std_per_method_and_ratio_and_ranks_by_mean_k
 def test_report_page_holds_both_tables_and_the_plot(tmp_path) -> None:
     png = tmp_path / "plot.png"
     png.write_bytes(b"\x89PNG fake")
-    summary = summarise(ROWS)
-    page = report_html("a <title>", ["a note"], [("Per method", table(summary, rank(summary))),
-                                                 ("Per cell", cell_table(ROWS))], png)
+    summary = summarise(ROWS, METRICS)
+    page = report_html("a <title>", ["a note"], [("Per method", table(summary, rank(summary, "kappa"), METRICS)),
+                                                 ("Per cell", cell_table(ROWS, METRICS))], png)
     assert "a &lt;title&gt;" in page and "<p>a note</p>" in page
     assert page.count("<table>") == 2
     assert page.count("<tr>") == 1 + 2 + 1 + len(ROWS)

@@ -18,7 +18,7 @@ import yaml
 
 from dvpt_core.data.dataset import CachedSplit
 from dvpt_core.peft.adapter import load_adapter
-from tests.helpers import TINY
+from tests.helpers import TINY, params_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,20 +29,29 @@ def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def _tiny_params(tracking_uri: str) -> dict:
-    params: dict = {}
-    for item in [*TINY, f"tracking.tracking_uri={tracking_uri}", "tracking.registered_model=dvc-tiny"]:
-        key, value = item.split("=", 1)
-        *sections, leaf = key.split(".")
-        node = params
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = yaml.safe_load(value)
-    # dvc.yaml's stages track these sections; DVC needs them present (empty: the schema's defaults).
+def dvc_params(items: list[str]) -> dict:
+    """params.yaml for the overrides ``items``, with every section dvc.yaml's stages track present
+    (DVC needs them; an empty one means the schema's defaults)."""
+    params = params_tree(items)
     for section in ("data", "pretrain", "export", "promotion"):
         params.setdefault(section, {})
     params["model"].setdefault("backbone_kwargs", {})
     return params
+
+
+def dvc_project(root: Path, params: dict) -> Path:
+    """A git + DVC project at ``root`` with this checkout's dvc.yaml and dvpt_core, and ``params``."""
+    root.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", root)
+    shutil.copy(ROOT / ".gitignore", root)
+    shutil.copytree(ROOT / "dvpt_core", root / "dvpt_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    _git(root, "init", "-q")
+    assert _dvc(root, "init", "-q").returncode == 0
+    subprocess.run([sys.executable, "-m", "dvpt_core.cli", "generate-data", "--params", "params.yaml",
+                    "--out", "data"], cwd=root, check=True, capture_output=True)
+    assert _dvc(root, "add", "data").returncode == 0
+    return root
 
 
 def _git(project: Path, *args: str) -> None:
@@ -61,17 +70,8 @@ def _find(tree: object, key: str) -> list:
 
 @pytest.mark.slow
 def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp_path, mlflow_server) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", project)
-    shutil.copy(ROOT / ".gitignore", project)
-    shutil.copytree(ROOT / "dvpt_core", project / "dvpt_core", ignore=shutil.ignore_patterns("__pycache__"))
-    (project / "params.yaml").write_text(yaml.safe_dump(_tiny_params(mlflow_server)))
-    _git(project, "init", "-q")
-    assert _dvc(project, "init", "-q").returncode == 0
-    subprocess.run([sys.executable, "-m", "dvpt_core.cli", "generate-data", "--params", "params.yaml",
-                    "--out", "data"], cwd=project, check=True, capture_output=True)
-    assert _dvc(project, "add", "data").returncode == 0
+    params = dvc_params([*TINY, f"tracking.tracking_uri={mlflow_server}", "tracking.registered_model=dvc-tiny"])
+    project = dvc_project(tmp_path / "project", params)
     repro = _dvc(project, "repro")
     assert repro.returncode == 0, repro.stdout + repro.stderr
     for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register", "promote"):
@@ -116,8 +116,8 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     _git(project, "commit", "-qm", "baseline")
     exp = _dvc(project, "exp", "run", "-S", "train.epochs=2")
     assert exp.returncode == 0, exp.stdout + exp.stderr
-    ran = {stage for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register")
-           if f"Running stage '{stage}'" in exp.stdout}
+    ran = {stage for stage in ("pretrain", "validate", "preprocess", "train", "evaluate", "export", "register",
+                               "promote") if f"Running stage '{stage}'" in exp.stdout}
     assert ran == {"train", "evaluate", "export", "register", "promote"}
     shown = _dvc(project, "exp", "show", "--json")
     assert shown.returncode == 0, shown.stderr
@@ -125,4 +125,6 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     assert len(kappas) >= 2 and all(isinstance(k, float) for k in kappas)
     assert [v.version for v in client.search_model_versions("name='dvc-tiny'")] == [registered["version"]]
     plots = _dvc(project, "plots", "show", "--json")
-    assert plots.returncode == 0 and "outputs/train/history.csv" in plots.stdout
+    assert plots.returncode == 0 and not json.loads(plots.stdout).get("errors"), plots.stdout[:2000]
+    assert {"Loss", "outputs/train/history.csv", "outputs/evaluation/figures/confusion_matrix.png"} <= set(
+        json.loads(plots.stdout)["data"])

@@ -26,23 +26,15 @@ from dvpt_core.steps.register import RegistrationError, register
 from dvpt_core.steps.sync import read_sync_state
 from dvpt_core.steps.validate import validate
 from tests.conftest import LocalMlflowServer
-from tests.helpers import TINY, tiny_config
+from tests.helpers import TINY, params_tree, tiny_config
 
 EPOCHS = 4
 RUN = [*TINY, f"train.epochs={EPOCHS}", "train.warmup_epochs=1", "synthetic.train=32"]
 
 
 def _params(path: Path, uri: str, *extra: str) -> Path:
-    params: dict = {}
-    for item in [*RUN, f"tracking.tracking_uri={uri}", "tracking.request_timeout_s=2", "tracking.sync_wait_s=3",
-                 *extra]:
-        key, value = item.split("=", 1)
-        *sections, leaf = key.split(".")
-        node = params
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(params_tree(
+        [*RUN, f"tracking.tracking_uri={uri}", "tracking.request_timeout_s=2", "tracking.sync_wait_s=3", *extra])))
     return path
 
 

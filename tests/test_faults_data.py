@@ -192,11 +192,9 @@ def test_settings_not_given_come_from_the_adapter(prepared: Path, tmp_path: Path
     assert adapted.model.model_dump(mode="json") == meta["model"] and adapted.data.class_names == CLASSES
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    # An experiment of this store: another test may have left MLflow's active one pointing elsewhere.
-    mlflow.set_experiment("faults-data")
-    with mlflow.start_run() as run:
-        pass
+    # A new store's Default experiment: an experiment another test made active in this process
+    # belongs to another store.
+    run = mlflow.MlflowClient(uri).create_run("0")
     train = train_copy(prepared, tmp_path)
     (train / "run.json").write_text(json.dumps({"run_id": run.info.run_id}))
     code, out, err = run_cli(capsys, "evaluate", "--set", f"tracking.tracking_uri={uri}", "--cache", prepared / "cache",

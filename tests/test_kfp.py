@@ -159,7 +159,7 @@ def test_local_run_registers_a_challenger_that_predicts_like_the_adapter(tmp_pat
     assert {"kappa", "accuracy"} <= set(result["test_metrics"])
 
     run_dir = Path(result["run_dir"])
-    assert "data:image/png;base64," in (run_dir / "evaluate/confusion_matrix").read_text()
+    assert "data:image/png;base64," in (run_dir / "evaluate/report").read_text()
     assert "dataset_manifest" in (run_dir / "validate/data_docs").read_text()
     # RANDOM WEIGHTS: the gate rejects the version, so the champion's batch inference never runs.
     assert result["promotion"]["decision"] == "rejected" and "RANDOM WEIGHTS" in result["promotion"]["reason"]

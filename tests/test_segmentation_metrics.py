@@ -27,6 +27,7 @@ from dvpt_core.metrics.segmentation import binary_scores, class_table, score_cas
 from dvpt_core.metrics.segmentation_report import markdown_table, plot_overlay_grid, write_case_csv
 from dvpt_core.metrics.split import score_split, score_volumes
 from dvpt_core.steps.preprocess import preprocess
+from tests.helpers import validated
 from tests.test_formats import write_synapse
 
 TINY = SyntheticConfig(seg_images=10, volumes=10, slices=3, image_size=32)
@@ -168,7 +169,7 @@ def test_acdc_cache_scores_volumes_at_original_size_and_writes_nifti(tmp_path: P
     root = tmp_path / "acdc"
     generate_dataset(root, ExperimentConfig(data={"format": "acdc"}, synthetic=TINY))
     cfg = ExperimentConfig(model={"image_size": 24, "weights": "random"}, data={"format": "acdc"})
-    preprocess(cfg, root, tmp_path / "cache")
+    preprocess(cfg, root, tmp_path / "cache", validated(cfg, root, tmp_path / "validation"))
     test_dir = tmp_path / "cache" / "test"
     records = read_volume_records(test_dir)
     assert not (tmp_path / "cache" / "train" / "volume_labels.npz").exists()
@@ -200,8 +201,10 @@ def test_acdc_cache_scores_volumes_at_original_size_and_writes_nifti(tmp_path: P
 def test_synapse_cache_restacks_slice_first_volumes_in_voxels(tmp_path: Path) -> None:
     root = write_synapse(tmp_path / "synapse", [0, 1, 8])
     # 20 px: columns keep their size and rows go 16 -> 20 -> 16, which nearest-neighbour undoes exactly.
-    cfg = ExperimentConfig(model={"image_size": 20, "weights": "random"}, data={"format": "synapse"})
-    preprocess(cfg, root, tmp_path / "cache")
+    # The written volumes show organs 1 and 8 only: the others are missing from training on purpose.
+    cfg = ExperimentConfig(model={"image_size": 20, "weights": "random"}, data={"format": "synapse"},
+                           validation={"class_missing_from_train": "ignore"})
+    preprocess(cfg, root, tmp_path / "cache", validated(cfg, root, tmp_path / "validation"))
     test_dir = tmp_path / "cache" / "test"
     (record,) = read_volume_records(test_dir).values()
     assert (record.volume, record.shape, record.slice_axis, record.spacing) == ("case0001", (4, 16, 20), 0, None)
@@ -220,7 +223,7 @@ def test_2d_split_scores_each_image_by_name(tmp_path: Path) -> None:
     root = tmp_path / "kvasir"
     generate_dataset(root, ExperimentConfig(data={"format": "kvasir"}, synthetic=TINY))
     cfg = ExperimentConfig(model={"image_size": 32, "weights": "random"}, data={"format": "kvasir"})
-    preprocess(cfg, root, tmp_path / "cache")
+    preprocess(cfg, root, tmp_path / "cache", validated(cfg, root, tmp_path / "validation"))
     masks = np.load(tmp_path / "cache" / "test" / "masks.npy")
     cases = score_split(tmp_path / "cache", "test", masks, 2)
     names = image_names(tmp_path / "cache", "test")

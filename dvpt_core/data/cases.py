@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvpt_core.data.cache_layout import SPLITS_FILE, VOLUME_INFO_FILE, VOLUME_LABELS_FILE
+from dvpt_core.data.cache_layout import SPLITS_FILE, VOLUME_INFO_FILE, VOLUME_LABELS_FILE, VOLUMES_FILE
 from dvpt_core.data.formats.common import DatasetFormatError
 from dvpt_core.data.formats.pixels import H5_SUFFIX, NIFTI_SUFFIXES, NPZ_SUFFIX, MaskPolicy, read_array_slices
 from dvpt_core.data.records import Sample
@@ -188,3 +188,12 @@ def image_names(cache_dir: Path, split: str) -> list[str]:
     with (Path(cache_dir) / SPLITS_FILE).open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["split"] == split and row["labelled"] == "1"]
     return [Path(row["path"]).stem for row in rows]
+
+
+def sample_cases(split_dir: Path) -> np.ndarray:
+    """Per cached sample of a segmentation split, the number of its case (cases numbered in order
+    of first appearance): its volume's for a 3D slice, its own for a 2D image."""
+    volumes = np.load(Path(split_dir) / VOLUMES_FILE).tolist()
+    keys = [volume or f"image {i}" for i, volume in enumerate(volumes)]
+    number = {key: n for n, key in enumerate(dict.fromkeys(keys))}
+    return np.asarray([number[key] for key in keys], dtype=np.int64)

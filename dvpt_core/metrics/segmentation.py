@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 METRICS = ("dice", "iou", "hd95")
 HD95_PERCENTILE = 95
@@ -87,21 +88,44 @@ def _cropped(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.pad(pred[tuple(box)], 1), np.pad(truth[tuple(box)], 1)
 
 
+def overlap_scores(predicted: ArrayLike, present: ArrayLike, overlap: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(Dice, IoU) from voxel counts under the module's empty-mask convention, elementwise.
+
+    ``predicted``, ``present`` and ``overlap``: how many voxels the prediction, the ground truth
+    and both hold (arrays of any one shape). Counts add up over slices, so a volume's scores can
+    come from its slices' counts without holding the volume (the train step's validation does).
+    """
+    # Counting by hand: MONAI's compute_dice/compute_iou want one-hot float tensors (C times a
+    # volume's memory) and apply the opposite convention to an empty ground truth.
+    predicted, present, overlap = (np.asarray(c, dtype=np.float64) for c in (predicted, present, overlap))
+    total = np.maximum(predicted + present, 1.0)
+    dice = np.where(predicted == 0, 0.0, np.where(present == 0, 1.0, 2.0 * overlap / total))
+    iou = np.where(predicted == 0, 0.0, np.where(present == 0, 1.0, overlap / np.maximum(total - overlap, 1.0)))
+    return dice, iou
+
+
+def class_counts(preds: np.ndarray, truths: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per label map of N (any dimensions) and foreground class: the (predicted, present, overlap)
+    voxel counts, int64 N x (C-1) x 3, for :func:`overlap_scores`."""
+    preds, truths = np.asarray(preds), np.asarray(truths)
+    if preds.shape != truths.shape:
+        raise ValueError(f"prediction shape {preds.shape} differs from ground truth shape {truths.shape}")
+    axes = tuple(range(1, preds.ndim))
+    counts = np.empty((preds.shape[0], num_classes - 1, 3), dtype=np.int64)
+    for k in range(1, num_classes):
+        predicted, present = preds == k, truths == k
+        counts[:, k - 1] = np.stack([predicted.sum(axes), present.sum(axes), (predicted & present).sum(axes)], -1)
+    return counts
+
+
 def binary_scores(
     pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
 ) -> tuple[float, float, float]:
     """(Dice, IoU, HD95) of one class's boolean masks under the module's empty-mask convention."""
     predicted, present = int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
-    if predicted == 0:
-        return 0.0, 0.0, 0.0
-    if present == 0:
-        return 1.0, 1.0, 0.0
-    # Counting by hand: MONAI's compute_dice/compute_iou want one-hot float tensors (C times a
-    # volume's memory) and apply the opposite convention to an empty ground truth.
-    overlap = int(np.count_nonzero(pred & truth))
-    dice = 2.0 * overlap / (predicted + present)
-    iou = overlap / (predicted + present - overlap)
-    return dice, iou, hd95(pred, truth, spacing)
+    dice, iou = overlap_scores(predicted, present, int(np.count_nonzero(pred & truth)))
+    distance = hd95(pred, truth, spacing) if predicted and present else 0.0
+    return float(dice), float(iou), distance
 
 
 def score_case(

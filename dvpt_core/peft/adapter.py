@@ -7,8 +7,10 @@ file: loading refuses a file that changed since it was written (a flipped byte, 
 copy) and one holding NaN or infinite values (a diverged run), naming the file either way.
 
 An adapter fixes the model it was trained as (method, backbone, input size, every ``model.*``
-setting) and its class names: later steps take them from the adapter, and a setting given
-explicitly that says otherwise is refused (:func:`check_against_adapter`) rather than ignored.
+setting), its task and its class names: later steps take them from the adapter, and a setting
+given explicitly that says otherwise is refused (:func:`check_against_adapter`) rather than ignored.
+Adapters written before ``adapter.json`` recorded the task (``task``) are classification ones:
+nothing else could be trained then.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ REQUIRED_FIELDS = frozenset({"format_version", "model", "backbone", "backbone_fi
                              "weights_sha256"})
 # Settings that do not describe the trained model: where its frozen weights lie on this machine.
 NOT_FIXED_BY_ADAPTER = frozenset({"model.weights_file"})
+# The data settings an adapter fixes (with every model.* setting but NOT_FIXED_BY_ADAPTER).
+DATA_FIXED_BY_ADAPTER = frozenset({"data.class_names", "data.task"})
+# What adapters recorded no task for: written before segmentation could be trained.
+UNRECORDED_TASK = "classification"
 
 
 class AdapterError(ValueError):
@@ -53,6 +59,7 @@ def save_adapter(model: AdaptedModel, cfg: ExperimentConfig, out_dir: Path) -> P
         "format_version": FORMAT_VERSION,
         "package_version": dvpt_core.__version__,
         "method": cfg.model.method,
+        "task": cfg.data.task,
         "model": cfg.model.model_dump(mode="json"),
         "backbone": info.name,
         "backbone_fingerprint": info.fingerprint,
@@ -129,12 +136,18 @@ def adapter_experiment(adapter_dir: Path, overrides: dict[str, Any] | None = Non
     """The configuration that rebuilds the adapter's model; ``overrides`` patch ``model`` keys
     (e.g. ``weights_file`` where the backbone checkpoint lives on the serving machine)."""
     meta = read_adapter_config(adapter_dir)
-    return _experiment(adapter_dir, {**meta["model"], **(overrides or {})}, meta["class_names"])
+    return _experiment(adapter_dir, {**meta["model"], **(overrides or {})}, meta)
 
 
-def _experiment(adapter_dir: Path, model: dict[str, Any], class_names: list[str]) -> ExperimentConfig:
+def adapter_task(meta: dict[str, Any]) -> str:
+    """The ``data.task`` an adapter was trained for (from its ``adapter.json``)."""
+    return meta.get("task", UNRECORDED_TASK)
+
+
+def _experiment(adapter_dir: Path, model: dict[str, Any], meta: dict[str, Any]) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate({"model": model, "data": {"class_names": class_names}})
+        return ExperimentConfig.model_validate(
+            {"model": model, "data": {"class_names": meta["class_names"], "task": adapter_task(meta)}})
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         raise AdapterError(
@@ -145,14 +158,14 @@ def _experiment(adapter_dir: Path, model: dict[str, Any], class_names: list[str]
 
 def check_against_adapter(cfg: ExperimentConfig, meta: dict[str, Any], adapter_dir: Path,
                           explicit: Iterable[str] | None = None) -> None:
-    """Refuse settings the adapter fixes (``model.*`` but the weights file, ``data.class_names``)
-    that were given explicitly and differ from the adapter's.
+    """Refuse settings the adapter fixes (``model.*`` but the weights file, ``data.class_names``,
+    ``data.task``) that were given explicitly and differ from the adapter's.
 
     ``explicit``: the dotted keys given explicitly; by default those ``cfg`` was parsed from (a
     preset, a params file, ``--set``, a JSON configuration; see ``config.explicit_keys``), so
     schema defaults never conflict. Values are compared as the schema normalises them.
     """
-    fixed = _experiment(adapter_dir, meta["model"], meta["class_names"])
+    fixed = _experiment(adapter_dir, meta["model"], meta)
     given = explicit_keys(cfg) if explicit is None else set(explicit)
     conflicts = []
     for key in sorted(given):
@@ -164,16 +177,16 @@ def check_against_adapter(cfg: ExperimentConfig, meta: dict[str, Any], adapter_d
     if conflicts:
         raise AdapterError(
             f"adapter {adapter_dir} was trained with other settings than given: {'; '.join(conflicts)}. "
-            "An adapter fixes its model.* settings and data.class_names: drop these settings, or retrain"
+            "An adapter fixes its model.* settings, data.class_names and data.task: drop these settings, or retrain"
         )
 
 
 def _fixed_by_adapter(key: str) -> bool:
-    return (key.startswith("model.") and key not in NOT_FIXED_BY_ADAPTER) or key == "data.class_names"
+    return (key.startswith("model.") and key not in NOT_FIXED_BY_ADAPTER) or key in DATA_FIXED_BY_ADAPTER
 
 
 def config_for_adapter(cfg: ExperimentConfig, adapter_dir: Path) -> ExperimentConfig:
-    """``cfg`` with the adapter's model settings and class names, after :func:`check_against_adapter`.
+    """``cfg`` with the adapter's model settings, task and class names, after :func:`check_against_adapter`.
 
     An explicitly given ``model.weights_file`` is kept (the backbone checkpoint's place on this
     machine); the frozen weights are still checked against the adapter's fingerprint on load.
@@ -183,10 +196,9 @@ def config_for_adapter(cfg: ExperimentConfig, adapter_dir: Path) -> ExperimentCo
     model = dict(meta["model"])
     if "model.weights_file" in explicit_keys(cfg):
         model["weights_file"] = cfg.model.weights_file
-    adapted = _experiment(adapter_dir, model, meta["class_names"])
-    return cfg.model_copy(update={
-        "model": adapted.model, "data": cfg.data.model_copy(update={"class_names": adapted.data.class_names}),
-    })
+    adapted = _experiment(adapter_dir, model, meta)
+    data = cfg.data.model_copy(update={"class_names": adapted.data.class_names, "task": adapted.data.task})
+    return cfg.model_copy(update={"model": adapted.model, "data": data})
 
 
 def apply_adapter(model: AdaptedModel, adapter_dir: Path) -> AdaptedModel:

@@ -1,8 +1,11 @@
 """Export step: backbone + adapter as one ONNX graph with a dynamic batch axis, checked for parity.
 
 Parity is measured with onnxruntime against PyTorch on real preprocessed test images, at batch 1
-and at a larger batch, so the dynamic axis is exercised too. The model, its input size and the
-class names come from the adapter; a setting given explicitly that contradicts it is refused.
+and at a larger batch, so the dynamic axis is exercised too; what parity means beyond every logit
+being within ``export.parity_atol`` is the task's (segmentation: the masks agree too; see
+``dvpt_core.tasks``). The graph's output is the model's logits: ``[batch, K]`` for classification,
+``[batch, K, H, W]`` for segmentation. The model, its input size, its task and the class names come
+from the adapter; a setting given explicitly that contradicts it is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dvpt_core.config import ExperimentConfig
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import apply_adapter, config_for_adapter
+from dvpt_core.tasks import get_task
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "images", "logits"
@@ -41,6 +45,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
         torch.onnx.export(
             model.eval(), (example,), tmp, input_names=[INPUT], output_names=[OUTPUT],
             opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},), external_data=False,
+            # Quiet: its progress lines go to stdout, where the CLI prints its JSON result.
+            verbose=False,
         )
         onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
@@ -50,45 +56,45 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     return path
 
 
+def onnx_outputs(model: torch.nn.Module, path: Path, batches: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PyTorch's and onnxruntime's outputs for each of ``batches``."""
+    session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+    with torch.no_grad():
+        return [(model(images).numpy(), session.run([OUTPUT], {INPUT: images.numpy()})[0]) for images in batches]
+
+
 def onnx_parity(model: torch.nn.Module, path: Path, batches: list[torch.Tensor]) -> float:
     """Largest absolute logit difference between onnxruntime and PyTorch over ``batches``."""
-    session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-    worst = 0.0
-    with torch.no_grad():
-        for images in batches:
-            expected = model(images).numpy()
-            got = session.run([OUTPUT], {INPUT: images.numpy()})[0]
-            worst = max(worst, float(np.abs(got - expected).max()))
-    return worst
+    return max(float(np.abs(got - expected).max()) for expected, got in onnx_outputs(model, path, batches))
 
 
 def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     adapter_dir = Path(train_dir) / "adapter"
     cfg = config_for_adapter(cfg, adapter_dir)
+    task = get_task(cfg.data.task)
     model = apply_adapter(build_model(cfg), adapter_dir).cpu().eval()
     info = model.info
     loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg, image_size=info.image_size)
     images, _ = next(iter(loader))
     candidate = export_onnx(model, images[:2], out_dir / ".candidate.onnx", cfg.export.opset)
     try:
-        worst = onnx_parity(model, candidate, [images[:1], images[: min(len(images), 8)]])
-        if worst > cfg.export.parity_atol:
-            raise ExportParityError(
-                f"ONNX logits differ from PyTorch by {worst:.3g} > export.parity_atol={cfg.export.parity_atol}; "
-                f"nothing was written to {out_dir / 'model.onnx'}"
-            )
+        outputs = onnx_outputs(model, candidate, [images[:1], images[: min(len(images), 8)]])
+        parity, problem = task.parity(outputs, cfg.export.parity_atol)
+        if problem:
+            raise ExportParityError(f"{problem}; nothing was written to {out_dir / 'model.onnx'}")
         path = out_dir / "model.onnx"
         os.replace(candidate, path)
     finally:
         candidate.unlink(missing_ok=True)
     report = {
-        "onnx": path.name, "opset": cfg.export.opset, "max_abs_diff": worst,
+        "onnx": path.name, "task": task.name, "opset": cfg.export.opset, **parity,
         "tolerance": cfg.export.parity_atol, "input": INPUT, "output": OUTPUT,
         "input_shape": ["batch", 3, info.image_size, info.image_size],
+        "output_shape": task.logits_shape("batch", info.image_size, cfg.data.num_classes),
         "mean": list(info.mean), "std": list(info.std), "class_names": cfg.data.class_names,
         "random_weights": info.random_weights, "stand_in_weights": info.stand_in, "bytes": path.stat().st_size,
     }
     (out_dir / "export.json").write_text(json.dumps(report, indent=2))
-    log.info("exported %s (%d bytes), parity max |diff| %.2e", path, report["bytes"], worst)
+    log.info("exported %s (%d bytes), parity max |diff| %.2e", path, report["bytes"], parity["max_abs_diff"])
     return report

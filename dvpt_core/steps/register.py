@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.models.backbone import RANDOM_WEIGHTS_WARNING, STAND_IN_WARNING
-from dvpt_core.peft.adapter import check_against_adapter, verify_adapter
+from dvpt_core.peft.adapter import adapter_task, check_against_adapter, verify_adapter
 from dvpt_core.registry.model_card import publish_model_card
 from dvpt_core.registry.versions import get_version
 from dvpt_core.secrets import mask_uri
@@ -150,6 +150,7 @@ def _tags(meta: dict[str, Any], run: dict[str, Any], onnx_uri: str) -> dict[str,
         RUN_TAG: run["run_id"], "backbone": meta["backbone"], "backbone_fingerprint": meta["backbone_fingerprint"],
         "random_weights": str(meta["random_weights"]).lower(),
         "stand_in_weights": str(meta.get("stand_in", False)).lower(), "method": meta["method"],
+        "task": adapter_task(meta),
         "data_dvc_md5": run.get("data_dvc_md5", "untracked"), "git_commit": run.get("git_commit", "unknown"),
         "dvc_experiment": run.get("dvc_experiment", ""), "onnx_model_uri": onnx_uri,
     }
@@ -157,7 +158,8 @@ def _tags(meta: dict[str, Any], run: dict[str, Any], onnx_uri: str) -> dict[str,
 
 def _description(meta: dict[str, Any], run: dict[str, Any]) -> str:
     lines = [f"{meta['method']} adapter over {meta['backbone']} (weights fingerprint "
-             f"{meta['backbone_fingerprint'][:12]}), {len(meta['class_names'])} classes, trained in run "
+             f"{meta['backbone_fingerprint'][:12]}), {adapter_task(meta)} of {len(meta['class_names'])} classes, "
+             "trained in run "
              f"{run['run_id']} on data {run.get('data_dvc_md5', 'untracked')} at commit {run.get('git_commit')}."]
     if meta["random_weights"]:
         lines.append(RANDOM_WEIGHTS_WARNING.format(name=meta["backbone"], seed=meta["model"].get("init_seed", 0)))

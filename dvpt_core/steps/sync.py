@@ -118,7 +118,8 @@ def _send(cfg: ExperimentConfig, train_dir: Path, state: dict[str, Any], summary
             state.update(model_id=logged.model_id, model_uri=logged.model_uri)
             write_sync_state(train_dir, state)
         if not state.get("artifacts"):
-            mlflow.log_metrics({"best_val_kappa": summary["best_val_kappa"], "best_epoch": summary["best_epoch"],
+            best = f"best_val_{summary['selection_metric']}"
+            mlflow.log_metrics({best: summary[best], "best_epoch": summary["best_epoch"],
                                 "adapter_bytes": summary["adapter_bytes"], "params_trainable": summary["trainable"],
                                 "params_total": summary["total"]}, model_id=state["model_id"])
             mlflow.log_artifact(str(train_dir / HISTORY_FILE))

@@ -1,8 +1,10 @@
 """Train step: fit the configured PEFT method on the frozen backbone, locally first, then in MLflow.
 
-Writes ``<out_dir>/adapter/`` (the best epoch by validation kappa, the earliest on ties),
-``history.csv``, ``run.json`` (the MLflow run and logged model the later steps add to) and, while
-training, ``checkpoint.pt`` after every epoch. Nothing is lost to a fault:
+Writes ``<out_dir>/adapter/`` (the best epoch by the task's validation score, the earliest on
+ties: quadratic kappa for classification, Dice for segmentation; see ``dvpt_core.tasks``),
+``history.csv`` (per epoch: train loss, learning rate, then the task's validation columns, its
+selection score last), ``run.json`` (the MLflow run and logged model the later steps add to) and,
+while training, ``checkpoint.pt`` after every epoch. Nothing is lost to a fault:
 
 - a run killed at any point (SIGKILL, SIGTERM, Ctrl-C, a lost machine) resumes from its last
   checkpoint when the step is run again with the same configuration, in the same MLflow run, and
@@ -33,11 +35,11 @@ import mlflow
 import torch
 
 from dvpt_core.checkpoint import CHECKPOINT_FILE, TrainingState, config_key, load_checkpoint, save_checkpoint
-from dvpt_core.config import ExperimentConfig
+from dvpt_core.config import ConfigError, ExperimentConfig
 from dvpt_core.data.atomic import pid_alive
+from dvpt_core.data.cache_layout import META_FILE
 from dvpt_core.data.dataset import make_loader
-from dvpt_core.engine import predict, train_one_epoch
-from dvpt_core.metrics.classification import classification_metrics
+from dvpt_core.engine import train_one_epoch
 from dvpt_core.models.backbone import BackboneInfo, weights_warning
 from dvpt_core.optim import make_optimizer, make_scheduler
 from dvpt_core.peft import build_model, count_parameters
@@ -46,6 +48,7 @@ from dvpt_core.runtime import resolve_device, seed_everything
 from dvpt_core.signals import Terminated, terminate_as_exception
 from dvpt_core.secrets import mask_uri
 from dvpt_core.steps.sync import HISTORY_FILE, log_epoch, log_run_inputs, read_sync_state, sync, write_sync_state
+from dvpt_core.tasks import Prediction, Task, get_task
 from dvpt_core.tracking import (
     connect, dvc_data_hash, dvc_experiment, git_commit, run_name, write_run_file,
 )
@@ -61,6 +64,7 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
     """Returns the run summary also written to ``run.json``. ``data_root`` gives the lineage its
     DVC hash; ``validation_dir`` (the validate step's folder) is logged to the run."""
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    task = _cache_task(cfg, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = connect(cfg)
     generator = seed_everything(cfg.train.seed)
@@ -89,7 +93,10 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
     live.call(log_run_inputs, cfg, out_dir, sync_state)
     with terminate_as_exception():
         try:
-            _fit(model, loaders, optimizer, scheduler, generator, steps_per_epoch, device, cfg, state, out_dir, live)
+            validation = Prediction(model, loaders["valid"], device, cfg.train.amp, cfg.data.class_names, cache_dir,
+                                    "valid")
+            _fit(task, validation, loaders["train"], optimizer, scheduler, generator, steps_per_epoch, cfg, state,
+                 out_dir, live)
         except (KeyboardInterrupt, Terminated) as stop:
             _close_interrupted(out_dir, state, live, stop)
             raise
@@ -100,7 +107,8 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
     summary = {
         "run_id": state.run_id, "run_name": sync_state["run_name"], "experiment_id": sync_state["experiment_id"],
         "tracking_uri": mask_uri(tracking_uri), "model_id": None, "model_uri": None, "synced": False,
-        "best_epoch": state.best_epoch, "best_val_kappa": state.best_score, **counts,
+        "task": task.name, "selection_metric": task.selection_metric, "best_epoch": state.best_epoch,
+        f"best_val_{task.selection_metric}": state.best_score, **counts,
         "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size, **lineage, "weights_warning": warning,
     }
     write_run_file(out_dir, summary)
@@ -108,6 +116,20 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     (out_dir / ACTIVE_FILE).unlink(missing_ok=True)
     return summary
+
+
+def _cache_task(cfg: ExperimentConfig, cache_dir: Path) -> Task:
+    """The configured task, once the cache is known to hold data for it (a classification model on
+    masks would fail deep inside the loss, naming neither)."""
+    meta_path = cache_dir / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist: {cache_dir} is not a preprocessed cache; "
+                                "run the preprocess step first")
+    cached = json.loads(meta_path.read_text()).get("task")
+    if cached != cfg.data.task:
+        raise ConfigError(f"data.task={cfg.data.task} but {cache_dir} was preprocessed for {cached}: set data.task "
+                          f"(or data.format) to what the data is, or preprocess again")
+    return get_task(cfg.data.task)
 
 
 def _lineage(cfg: ExperimentConfig, info: BackboneInfo, data_root: Path | None) -> dict[str, str]:
@@ -196,27 +218,25 @@ class _LiveLog:
         self.call(log_epoch, self.out_dir, self.sync_state, row)
 
 
-def _fit(model: torch.nn.Module, loaders: dict, optimizer: torch.optim.Optimizer, scheduler: Any,
-         generator: torch.Generator, steps_per_epoch: int, device: torch.device, cfg: ExperimentConfig,
-         state: TrainingState, out_dir: Path, live: _LiveLog) -> None:
-    """The remaining epochs; after each, the best state (by validation kappa, the earliest on
-    ties) and the history are updated and checkpointed before MLflow hears of it."""
+def _fit(task: Task, validation: Prediction, batches: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+         generator: torch.Generator, steps_per_epoch: int, cfg: ExperimentConfig, state: TrainingState,
+         out_dir: Path, live: _LiveLog) -> None:
+    """The remaining epochs; after each, the best state (by the task's validation score, the
+    earliest on ties) and the history are updated and checkpointed before MLflow hears of it."""
+    model, loss_fn, selection = validation.model, task.loss(), f"val_{task.selection_metric}"
     for epoch in range(state.epoch, cfg.train.epochs):
         done_steps = epoch * steps_per_epoch
         train_loss = train_one_epoch(
-            model, loaders["train"], optimizer, lambda step, done=done_steps: scheduler.step_update(done + step),
-            device, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip, max_steps=cfg.train.max_steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            model, batches, optimizer, lambda step, done=done_steps: scheduler.step_update(done + step),
+            validation.device, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
+            max_steps=cfg.train.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", loss_fn=loss_fn,
         )
-        logits, labels = predict(model, loaders["valid"], device, amp=cfg.train.amp, desc="validate")
-        val = classification_metrics(logits.argmax(1), labels, cfg.data.num_classes)
-        row = {"epoch": epoch + 1, "train_loss": train_loss,
-               "val_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
-               "val_kappa": val["kappa"], "val_accuracy": val["accuracy"], "lr": optimizer.param_groups[0]["lr"]}
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+               **task.validate(validation)}
         state.history.append(row)
         state.epoch = epoch + 1
-        if val["kappa"] > state.best_score:
-            state.best_score, state.best_epoch = val["kappa"], epoch + 1
+        if row[selection] > state.best_score:
+            state.best_score, state.best_epoch = row[selection], epoch + 1
             state.best_state = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
         save_checkpoint(out_dir / CHECKPOINT_FILE, state, model, optimizer, scheduler, generator)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
