@@ -385,7 +385,8 @@ def test_ssf_merge_folds_gamma_and_beta_into_the_weights() -> None:
         torch.testing.assert_close(layer.bias, bias * ssf.scale + ssf.shift, atol=0, rtol=0)
         assert type(layer) is type(base) and not layer.weight.requires_grad and not layer.bias.requires_grad
     assert model.backbone.blocks[0].attn.qkv.base.bias is None
-    assert_matches(merged.eval().double(), images, model(images))
+    with torch.no_grad():  # the merged classifier is rebuilt in float32: compare at its precision
+        torch.testing.assert_close(merged.eval().double()(images), model(images), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("targets", [["qkv"], ["qkv", "proj"]])
