@@ -21,6 +21,7 @@ added); ``--report-only`` rewrites the report from the stored results.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -211,9 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     targets = load_targets()
     if not args.report_only:
         WORK.mkdir(exist_ok=True)
-        for module in args.module or list(targets["modules"]):
-            run_module(module, targets, args.retest_survivors)
-            report.write_report(targets)
+        with (WORK / "lock").open("w") as lock:
+            try:  # one run at a time: runs share the tree copy and the server socket
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SystemExit(f"another mutation run holds {WORK / 'lock'}") from None
+            for module in args.module or list(targets["modules"]):
+                run_module(module, targets, args.retest_survivors)
+                report.write_report(targets)
     report.write_report(targets)
     return 0
 
