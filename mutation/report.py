@@ -1,7 +1,8 @@
 """``mutation/REPORT.md`` from the stored results and the allow-list of equivalent mutants.
 
 A survivor is *equivalent* when ``mutation/equivalent.toml`` has an entry with its module, its
-original source line and its mutated line (whitespace-insensitive), and the reason no test can
+original source line and its mutated line (whitespace-insensitive), optionally the function or
+class it lies in (``definition``, where the same line occurs twice), and the reason no test can
 tell the two apart. Keys are source text, not line numbers, so entries survive edits elsewhere in
 the file; an entry matching no survivor is reported as stale. The kill rate of a module is
 killed / (mutants - equivalent); timeouts count as killed.
@@ -43,7 +44,8 @@ def classify(result: dict, equivalents: list[dict]) -> tuple[Counter, list[dict]
         outcome = mutant["outcome"]
         if outcome == "survived":
             match = next(((i, e) for i, e in own if _norm(e["original"]) == _norm(mutant["original"])
-                          and _norm(e["mutant"]) == _norm(mutant["mutant"])), None)
+                          and _norm(e["mutant"]) == _norm(mutant["mutant"])
+                          and e.get("definition", mutant["definition"]) == mutant["definition"]), None)
             if match:
                 used.add(match[0])
                 equivalent.append((mutant, match[1]))
@@ -107,12 +109,14 @@ def _module_details(module: str, survivors: list[dict], equivalent: list[tuple[d
         return []
     out = [f"## `{module}`", ""]
     if survivors:
-        out += ["Survivors:", "", "| line | operator | original | mutant |", "|---:|---|---|---|"]
-        out += [f"| {m['line']} | {m['operator']} | {_code(m['original'])} | {_code(m['mutant'])} |" for m in survivors]
+        out += ["Survivors:", "", "| line | in | operator | original | mutant |", "|---:|---|---|---|---|"]
+        out += [f"| {m['line']} | {m['definition']} | {m['operator']} | {_code(m['original'])} | {_code(m['mutant'])} |"
+                for m in survivors]
         out.append("")
     if equivalent:
-        out += ["Equivalent (allow-listed):", "", "| line | original | mutant | why it cannot be told apart |",
-                "|---:|---|---|---|"]
-        out += [f"| {m['line']} | {_code(m['original'])} | {_code(m['mutant'])} | {e['reason']} |" for m, e in equivalent]
+        out += ["Equivalent (allow-listed):", "", "| line | in | original | mutant | why it cannot be told apart |",
+                "|---:|---|---|---|---|"]
+        out += [f"| {m['line']} | {m['definition']} | {_code(m['original'])} | {_code(m['mutant'])} | {e['reason']} |"
+                for m, e in equivalent]
         out.append("")
     return out

@@ -185,12 +185,20 @@ def test_limits_at_their_boundary(key: str, accepted: Any, refused: Any) -> None
 
 def test_fractions_must_leave_something_to_train_on() -> None:
     ExperimentConfig.model_validate({"data": {"val_fraction": 0.79, "test_fraction": 0.2}})
-    for val, test in [(0.8, 0.2), (0.5, 0.6)]:
-        with pytest.raises(ValidationError, match="leaves nothing to train on"):
+    for val, test, total in [(0.8, 0.2, "1.0"), (0.5, 0.6, "1.1")]:
+        with pytest.raises(ValidationError, match=f"data.val_fraction \\+ data.test_fraction = {total} leaves nothing to train on"):
             ExperimentConfig.model_validate({"data": {"val_fraction": val, "test_fraction": test}})
-    for field in ("val_fraction", "test_fraction"):
-        with pytest.raises(ValidationError):
-            ExperimentConfig.model_validate({"data": {field: 1.0}})
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("data.val_fraction", 1.0, "less than 1"),
+    ("data.test_fraction", 1.0, "less than 1"),
+    ("data.folds", 0, "greater than or equal to 1"),
+])
+def test_a_value_outside_its_own_limit_is_blamed_on_its_field(key: str, value: object, message: str) -> None:
+    """Not on a rule combining fields (fractions summing to 1, fold below folds) that also refuses it."""
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be {message} \(got {value}\)"):
+        load_config(None, [f"{key}={value}"])
 
 
 def test_fold_must_be_below_folds() -> None:

@@ -482,3 +482,24 @@ def test_clip_keeps_its_frozen_projection_before_the_classifier() -> None:
     assert_matches(model, images, expected)
     no_projection = build_model(tiny_config("model.method=linear", *CLIP, "model.frozen_projection=false"))
     assert no_projection.classifier.in_features == 64 and isinstance(no_projection.projection, nn.Identity)
+
+
+def test_unsupported_backbones_and_blocks_are_refused_by_name() -> None:
+    """Methods rewire timm's pre-norm Block and SwinTransformerBlock only; anything else is named."""
+    from dvpt_core.config import ConfigError
+    from dvpt_core.models.blocks import architecture, block_stages
+
+    with pytest.raises(ConfigError, match="model.backbone builds a Linear; the methods support timm VisionTransformer"):
+        architecture(nn.Linear(2, 2))
+    cfg = tiny_config(*VIT)
+    backbone, info = create_backbone(cfg.model)
+    assert [len(stage) for stage in block_stages(backbone)] == [5]
+    backbone.blocks[1] = nn.Identity()
+    with pytest.raises(ConfigError, match=r"only timm's pre-norm Block and SwinTransformerBlock are supported, not \['Identity'\]"):
+        block_stages(backbone)
+    from dvpt_core.peft import dvpt
+
+    with pytest.raises(TypeError, match=r"DVPT wraps timm's pre-norm Block; this backbone has \['Identity'\] blocks"):
+        dvpt.build(backbone, info, cfg.model, 5)
+    swin, _ = create_backbone(tiny_config(*SWIN).model)
+    assert [len(stage) for stage in block_stages(swin)] == [2, 2, 6, 2]
