@@ -203,8 +203,9 @@ def test_a_value_outside_its_own_limit_is_blamed_on_its_field(key: str, value: o
 
 def test_fold_must_be_below_folds() -> None:
     assert ExperimentConfig.model_validate({"data": {"folds": 5, "fold": 4}}).data.fold == 4
-    with pytest.raises(ValidationError, match=r"data.fold=5 must be below data.folds=5"):
-        ExperimentConfig.model_validate({"data": {"folds": 5, "fold": 5}})
+    for fold in (5, 6):
+        with pytest.raises(ValidationError, match=rf"data.fold={fold} must be below data.folds=5"):
+            ExperimentConfig.model_validate({"data": {"folds": 5, "fold": fold}})
     with pytest.raises(ValidationError, match=r"data.fold=1 must be below data.folds=1"):
         ExperimentConfig.model_validate({"data": {"fold": 1}})
 
