@@ -10,6 +10,7 @@ inside and one just outside each limit, so the report must blame exactly the out
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def test_unreadable_and_empty_files(tmp_path: Path) -> None:
     npz = tmp_path / "no_image.npz"
     np.savez(npz, label=np.zeros((2, 2)))
     row = manifest_row(tmp_path, Sample(npz, None, "train"), max_pixels=10)
-    assert row["error"] == "unreadable slice ('no \\'image\\' array (has label)')" or "no 'image' array" in row["error"]
+    assert row["error"].startswith("unreadable slice (") and "no 'image' array (has label)" in row["error"]
 
 
 def test_paths_escaping_the_root(tmp_path: Path) -> None:
@@ -256,9 +257,9 @@ def test_undecoded_masks_are_not_judged_and_shapes_must_match() -> None:
     derived = frame([{"mask_decoded": False, "mask_values": "0,7", "mask_distinct": 2},
                      {"mask_shape": "4x5"}, {"mask_shape": None}, {"shape": None}])
     assert derived["mask_binary"].isna().tolist() == [True, False, False, False]
-    assert derived["mask_matches_image"].tolist()[:2] == [True, False] or derived["mask_matches_image"].tolist()[0] is pd.NA
-    assert derived["mask_matches_image"].isna().tolist() == [False, False, True, True]
-    assert derived["mask_matches_image"].tolist()[1] is False or not derived["mask_matches_image"].tolist()[1]
+    matches = derived["mask_matches_image"]
+    assert matches.isna().tolist() == [False, False, True, True]
+    assert [bool(matches[0]), bool(matches[1])] == [True, False]
 
 
 def test_leak_columns_count_splits_per_content_and_per_patient() -> None:
@@ -285,8 +286,6 @@ def offending(cfg: ExperimentConfig, root: Path, out: Path) -> set[tuple[str, st
     try:
         validate(cfg, root, out)
     except DataValidationError:
-        import json
-
         return {(e["file"], e["reason"]) for e in json.loads((out / "validation.json").read_text())["offending"]}
     return set()
 
