@@ -417,7 +417,8 @@ def test_lora_initialisation_starts_from_the_frozen_model() -> None:
     lora = model.backbone.blocks[0].attn.qkv
     assert lora.lora_a.shape == (4, 192) and lora.lora_b.shape == (576, 4)
     assert not lora.lora_b.any()
-    assert 0.9 / math.sqrt(192) < float(lora.lora_a.abs().max()) <= 1 / math.sqrt(192)
+    # 768 draws: the largest lies within 3% of the bound (a = sqrt(6) would give a bound of 0.926)
+    assert 0.97 / math.sqrt(192) < float(lora.lora_a.abs().max()) <= 1 / math.sqrt(192)
 
 
 @pytest.mark.parametrize("layer_norm_in", [False, True])
