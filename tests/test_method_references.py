@@ -335,8 +335,10 @@ def test_vpt_prompts_are_uniform_within_the_xavier_bound(arch: str) -> None:
 
 
 def test_vpt_swin_window_prompts_without_a_shift_mask() -> None:
-    """Block 0 of a stage is not shifted: every window sees the m prompt keys and values, zero bias."""
-    cfg, model, _, _ = build("model.method=vpt_deep", *SWIN, "model.vpt.prompts=2")
+    """Block 0 of a stage is not shifted: every window sees the m prompt keys and values, zero bias.
+    The backbone's attention dropout (0.5 here) stays off in evaluation."""
+    swin = [*SWIN[:1], "model.backbone_kwargs={embed_dim: 16, num_heads: [1, 2, 2, 4], attn_drop_rate: 0.5}", SWIN[2]]
+    cfg, model, _, _ = build("model.method=vpt_deep", *swin, "model.vpt.prompts=2")
     block = model.backbone.layers[1].blocks[0]  # 8x8 tokens of width 32, 2 heads
     wrapper = block.attn
     attn = wrapper.attn
