@@ -391,6 +391,18 @@ def test_ssf_merge_folds_gamma_and_beta_into_the_weights() -> None:
         torch.testing.assert_close(merged.eval().double()(images), model(images), atol=1e-5, rtol=1e-5)
 
 
+def test_ssf_initialisation_and_frozen_merged_layers() -> None:
+    """gamma ~ N(1, 0.02) and beta ~ N(0, 0.02), as SSF's code; a merged layer is frozen."""
+    model = build_model(tiny_config("model.method=ssf", *VIT))
+    wrapped = [m for m in model.backbone.modules() if hasattr(m, "shift")]
+    scale = torch.cat([m.scale.detach() for m in wrapped])
+    shift = torch.cat([m.shift.detach() for m in wrapped])
+    assert float(scale.mean()) == pytest.approx(1.0, abs=0.002) and float(scale.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(shift.mean()) == pytest.approx(0.0, abs=0.002) and float(shift.std()) == pytest.approx(0.02, rel=0.05)
+    merged = wrapped[0].merged()
+    assert not any(p.requires_grad for p in merged.parameters())
+
+
 @pytest.mark.parametrize("targets", [["qkv"], ["qkv", "proj"]])
 def test_lora_adds_scaled_low_rank_update(targets: list[str]) -> None:
     """W x + (alpha / r) B A x on the chosen attention layers, nowhere else."""
