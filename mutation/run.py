@@ -130,7 +130,8 @@ def run_module(module: str, targets: dict, retest: bool) -> None:
         baseline = subprocess.run(command, shell=True, cwd=TREE, env=env, capture_output=True, text=True)
         baseline_s = time.monotonic() - started
         if baseline.returncode != 0:
-            raise SystemExit(f"the tests of {module} fail before any mutation:\n{baseline.stdout[-4000:]}")
+            log.error("%s skipped: its tests fail before any mutation:\n%s", module, baseline.stdout[-4000:])
+            return
         timeout_s = TIMEOUT_FACTOR * baseline_s + TIMEOUT_SLACK_S
         config.write_text(cosmic_ray_config(module, command, timeout_s, targets["operators"]["exclude"]))
         log.info("%s: tests pass unmutated in %.1f s; mutant timeout %.0f s", module, baseline_s, timeout_s)
@@ -142,11 +143,11 @@ def run_module(module: str, targets: dict, retest: bool) -> None:
         started = time.monotonic()
         subprocess.run([tool("cosmic-ray"), "exec", str(config), str(session)], cwd=TREE, env=env, check=True)
         elapsed = time.monotonic() - started
+        save_results(module, session, entry["args"], baseline_s, elapsed)
     finally:
         server.kill()
         server.wait()
         SOCKET.unlink(missing_ok=True)
-    save_results(module, session, entry["args"], baseline_s, elapsed)
 
 
 def forget_survivors(session: Path) -> None:
