@@ -284,14 +284,15 @@ def test_dvpt_swin_prompts_are_drawn_from_a_truncated_normal() -> None:
     values = torch.cat([p.flatten() for p in model.prompts])
     assert float(values.std()) == pytest.approx(0.02, rel=0.1)
     assert float(values.abs().max()) <= 2.0
+    # The truncation is at +-2 absolute (as the released code): visible once the std is 1.
     wide = build_model(tiny_config("model.method=dvpt", *SWIN, "model.swin.prompts=4", "model.swin.prompt_init_std=1"))
     wide_values = torch.cat([p.flatten() for p in wide.prompts])
-    assert float(wide_values.abs().max()) <= 2.0 < 1.5 * float(wide_values.std()) + 1  # truncated at +-2 std units
+    assert float(wide_values.abs().max()) <= 2.0 and float(wide_values.std()) > 0.8
     assert all(float(module.gate) == 0.0 for module in model.dvpt_modules)
 
 
 def test_dvpt_swin_prompts_fill_exactly_the_smallest_stage() -> None:
-    """At 64x64 the last stage has 2x2 = 4 tokens: 4 prompts fit, 5 are refused."""
+    """At 64x64 the last stage has 2x2 = 4 tokens: 4 prompts fit (5 are refused: test_swin.py)."""
     assert len(build_model(tiny_config("model.method=dvpt", *SWIN, "model.swin.prompts=4")).prompts) == 12
 
 
