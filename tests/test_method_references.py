@@ -296,6 +296,19 @@ def test_dvpt_swin_prompts_fill_exactly_the_smallest_stage() -> None:
     assert len(build_model(tiny_config("model.method=dvpt", *SWIN, "model.swin.prompts=4")).prompts) == 12
 
 
+def test_dvpt_swin_names_the_smallest_stage_too_small_for_its_prompts() -> None:
+    """Depths 2, 2, 2, 1 at 64x64: stages of 16x16, 8x8, 4x4 and 2x2 tokens; 17 prompts overflow the
+    last two, and the error names the smallest (the one-block last stage)."""
+    from dvpt_core.config import ConfigError
+
+    swin = [SWIN[0], "model.backbone_kwargs={embed_dim: 16, depths: [2, 2, 2, 1], num_heads: [1, 2, 2, 4]}", SWIN[2]]
+    with pytest.raises(ConfigError, match=r"model.swin.prompts=17 exceeds the 4 tokens of a \(2, 2\) Swin stage "
+                                          r"at model.image_size=64; use fewer prompts or larger images"):
+        build_model(tiny_config("model.method=dvpt", *swin, "model.swin.prompts=17"))
+    model = build_model(tiny_config("model.method=dvpt", *swin, "model.swin.prompts=4", "model.swin.share_every=2"))
+    assert [m.down.in_features for m in model.dvpt_modules] == [16, 32, 64, 128]
+
+
 # --- VPT ---------------------------------------------------------------------------------------
 
 
