@@ -77,7 +77,7 @@ def write_report(targets: dict) -> Path:
         "| module | mutants | killed | timeout | survived | equivalent | kill rate | run | tests at |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    details, used = [], set()
+    details, used, totals = [], set(), Counter()
     for module in targets["modules"]:
         result = results.get(module)
         if result is None:
@@ -93,7 +93,13 @@ def write_report(targets: dict) -> Path:
         lines.append(f"| `{module}` | {total} | {counts['killed'] + counts['incompetent']} | {counts['timeout']} | "
                      f"{len(survivors)} | {counts['equivalent']} | {rate:.1%}{flag} | "
                      f"{result['run_s']} s | {result['commit']} |")
+        totals.update(counts)
+        totals["mutants"] += total
         details += _module_details(module, survivors, equivalent)
+    scored = totals["mutants"] - totals["equivalent"]
+    killed = totals["killed"] + totals["timeout"] + totals["incompetent"]
+    lines.append(f"| all modules run | {totals['mutants']} | {totals['killed'] + totals['incompetent']} | {totals['timeout']} | "
+                 f"{totals['survived']} | {totals['equivalent']} | {killed / scored if scored else 1:.1%} | | |")
     stale = [e for i, e in enumerate(equivalents) if i not in used and e["module"] in results]
     lines += ["", *details]
     if stale:
