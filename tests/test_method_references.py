@@ -344,8 +344,8 @@ def test_vpt_prompts_are_uniform_within_the_xavier_bound(arch: str) -> None:
         model = build_model(tiny_config("model.method=vpt_deep", *SWIN, "model.vpt.prompts=50"))
         tokens = torch.cat([b.attn.prompts.tokens.flatten() for s in model.backbone.layers for b in s.blocks])
         bound = math.sqrt(6 / (3 * 4 * 4 + 16))
-    assert float(tokens.abs().max()) <= bound
-    assert float(tokens.abs().max()) > 0.99 * bound
+    assert -bound <= float(tokens.min()) < -0.99 * bound
+    assert 0.99 * bound < float(tokens.max()) <= bound
 
 
 def test_vpt_swin_window_prompts_without_a_shift_mask() -> None:
