@@ -313,11 +313,12 @@ def test_dvpt_swin_names_the_smallest_stage_too_small_for_its_prompts() -> None:
 
 
 @pytest.mark.parametrize("deep", [False, True])
-@pytest.mark.parametrize("backbone", ["cls token", "avg pool"])
+@pytest.mark.parametrize("backbone", ["cls token", "avg pool", "CLIP"])
 def test_vpt_vit_matches_prompts_after_cls(deep: bool, backbone: str) -> None:
     """[cls, P, patches] after the embedding (and pre-norm); deep VPT overwrites P before every
-    block after the first with that block's own set; pooling ignores the prompt outputs."""
-    arch = VIT if backbone == "cls token" else VIT_AVG
+    block after the first with that block's own set; pooling ignores the prompt outputs; CLIP's
+    frozen projection comes once, before the classifier."""
+    arch = {"cls token": VIT, "avg pool": VIT_AVG, "CLIP": CLIP}[backbone]
     cfg, model, plain, images = build(f"model.method={'vpt_deep' if deep else 'vpt_shallow'}", *arch, "model.vpt.prompts=3")
     ref = ReferenceViT(plain)
     n, m = plain.num_prefix_tokens, 3
@@ -329,8 +330,11 @@ def test_vpt_vit_matches_prompts_after_cls(deep: bool, backbone: str) -> None:
             if deep and l > 0:
                 x = torch.cat([x[:, :n], tokens[l].expand(2, -1, -1), x[:, n + m :]], dim=1)
             x = ref.block(l, x)
-        expected = logits(model, ref.pool(torch.cat([x[:, :n], x[:, n + m :]], dim=1)))
-    assert tokens.shape == (len(plain.blocks) if deep else 1, m, 192)
+        pooled = ref.pool(torch.cat([x[:, :n], x[:, n + m :]], dim=1))
+        if backbone == "CLIP":
+            pooled = F.linear(pooled, plain.head.weight, plain.head.bias)
+        expected = logits(model, pooled)
+    assert tokens.shape == (len(plain.blocks) if deep else 1, m, plain.embed_dim)
     assert_matches(model, images, expected)
 
 
