@@ -1,6 +1,9 @@
 # The two set-up commands of the README:
 #   make run    build the environment, then run the whole pipeline (dvc repro) on the built-in data
 #   make test   build the environment, then run the test suite
+# and for the test suite's own quality:
+#   make mutation [MODULE=dvpt_core/metrics/classification.py]   mutation testing (issue 12): every
+#               module of mutation/targets.toml, or one, against its fast tests; writes mutation/REPORT.md
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup run pipeline data test clean
+.PHONY: setup run pipeline data test mutation clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +41,11 @@ pipeline: data
 
 test: setup
 	$(BIN)/python -m pytest
+
+# MODULE: one module (minutes); RETEST=1: only the survivors of its last run (after adding tests).
+MODULE ?=
+mutation: setup
+	$(BIN)/python mutation/run.py $(if $(MODULE),--module $(MODULE)) $(if $(RETEST),--retest-survivors)
 
 clean:
 	rm -rf outputs mlruns mlruns.db local_outputs

@@ -17,6 +17,10 @@ from dvpt_core.steps.export import ExportParityError, export
 from dvpt_core.steps.preprocess import preprocess
 from tests.helpers import tiny_config, validated
 
+# One block: tracing and exporting cost grows with depth (a 12-block ViT takes about a minute on
+# 2 cores), and parity does not depend on it.
+SHALLOW = "model.backbone_kwargs={depth: 1}"
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -29,7 +33,7 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["dvpt", "lora"])
 def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method) -> None:
-    cfg = tiny_config(f"model.method={method}", "model.gate_init=0.5")
+    cfg = tiny_config(SHALLOW, f"model.method={method}", "model.gate_init=0.5")
     model = build_model(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -48,7 +52,7 @@ def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method) -> No
 
 
 def test_failed_parity_writes_no_model(tmp_path, cache) -> None:
-    cfg = tiny_config("export.parity_atol=1e-12", "model.gate_init=0.5")
+    cfg = tiny_config(SHALLOW, "export.parity_atol=1e-12", "model.gate_init=0.5")
     model = build_model(cfg)
     with torch.no_grad():
         model.prompts.add_(1.0)

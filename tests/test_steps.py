@@ -1,0 +1,168 @@
+"""Pipeline steps through their public functions: behaviour that only shows over several epochs or
+across methods (the best epoch is the one kept; the adapter holds exactly the method's trainable
+tensors), the test metrics against scikit-learn on the saved adapter's own predictions, and the
+alias the register step moves.
+
+The preprocessed cache is written by hand (the arrays ``preprocess`` would write), so the
+validation labels can be chosen: they are the training images with every grade reversed, so the
+better the model fits its training labels, the worse its validation kappa, and the validation
+curve peaks early by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from onnx import TensorProto, helper
+from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix
+
+from dvpt_core.config import ExperimentConfig
+from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE
+from dvpt_core.data.dataset import make_loader
+from dvpt_core.engine import predict
+from dvpt_core.peft import build_model
+from dvpt_core.peft.adapter import load_adapter
+from dvpt_core.steps.evaluate import evaluate
+from dvpt_core.steps.register import promote, register
+from dvpt_core.steps.train import train
+from tests.helpers import tiny_config
+from tests.test_methods import OWN
+
+SIZE, N = 32, 20
+GRADES = list(range(5))
+
+
+def write_split(directory: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    directory.mkdir(parents=True)
+    np.save(directory / IMAGES_FILE, images)
+    np.save(directory / LABELS_FILE, labels.astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache whose validation split reverses the training grades; MLflow in a SQLite file there."""
+    root = tmp_path_factory.mktemp("steps")
+    rng = np.random.default_rng(0)
+    labels = np.arange(N) % 5
+    # Each grade has its own brightness, so the grades are learnable in a few steps.
+    images = np.clip(rng.normal(40 + 40 * labels[:, None, None, None], 20, size=(N, SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    write_split(root / "cache" / "train", images, labels)
+    write_split(root / "cache" / "valid", images, 4 - labels)
+    write_split(root / "cache" / "test", images, labels)
+    cwd = Path.cwd()
+    os.chdir(root)  # MLflow writes artifacts beside the working directory
+    try:
+        yield root
+    finally:
+        os.chdir(cwd)
+
+
+def config(root: Path, *overrides: str) -> ExperimentConfig:
+    return tiny_config(
+        "model.backbone_kwargs={depth: 2}", "train.batch_size=10", "train.amp=false", "train.hflip=false",
+        "train.vflip=false", "train.crop_scale=[1.0, 1.0]", f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        *overrides,
+    )
+
+
+def adapter_predictions(train_dir: Path, cache: Path, split: str, cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    model = load_adapter(train_dir / "adapter")
+    loader = make_loader(cache / split, model.info.mean, model.info.std, False, cfg)
+    logits, labels = predict(model, loader, torch.device("cpu"))
+    return logits.argmax(1).numpy(), labels.numpy()
+
+
+@pytest.fixture(scope="module")
+def trained(workspace: Path) -> dict:
+    cfg = config(workspace, "train.epochs=5", "train.lr=0.05", "train.warmup_epochs=0", "model.gate_init=0.1")
+    summary = train(cfg, workspace / "cache", workspace / "train")
+    return {"cfg": cfg, "summary": summary, "dir": workspace / "train"}
+
+
+def history(train_dir: Path) -> list[dict[str, float]]:
+    lines = (train_dir / "history.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, map(float, line.split(",")))) for line in lines[1:]]
+
+
+def test_the_best_epoch_by_validation_kappa_is_kept_not_the_last(trained: dict, workspace: Path) -> None:
+    rows = history(trained["dir"])
+    kappas = [row["val_kappa"] for row in rows]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+    best = max(range(len(kappas)), key=lambda i: (kappas[i], -i))  # the first of the highest
+    assert kappas[best] > kappas[-1], f"the validation curve must peak before the last epoch here: {kappas}"
+    summary = trained["summary"]
+    assert summary["best_epoch"] == best + 1 and summary["best_val_kappa"] == pytest.approx(kappas[best])
+    preds, labels = adapter_predictions(trained["dir"], workspace / "cache", "valid", trained["cfg"])
+    saved = cohen_kappa_score(labels, preds, weights="quadratic", labels=GRADES)
+    assert saved == pytest.approx(kappas[best], abs=1e-6), "the saved adapter is not the best epoch's"
+    run = MlflowClient(trained["cfg"].tracking.resolved_uri()).get_run(summary["run_id"])
+    assert run.data.metrics["best_epoch"] == best + 1
+    assert run.data.metrics["best_val_kappa"] == pytest.approx(kappas[best])
+
+
+def test_evaluate_scores_the_adapter_like_scikit_learn(trained: dict, workspace: Path) -> None:
+    report = evaluate(trained["cfg"], workspace / "cache", trained["dir"], workspace / "evaluation")
+    preds, labels = adapter_predictions(trained["dir"], workspace / "cache", "test", trained["cfg"])
+    assert report["kappa"] == pytest.approx(cohen_kappa_score(labels, preds, weights="quadratic", labels=GRADES), abs=1e-6)
+    assert report["accuracy"] == pytest.approx(accuracy_score(labels, preds))
+    assert report["confusion_matrix"] == confusion_matrix(labels, preds, labels=GRADES).tolist()
+    assert (report["samples"], report["split"], report["random_weights"]) == (N, "test", True)
+    assert json.loads((workspace / "evaluation" / "metrics.json").read_text()) == report
+    assert (workspace / "evaluation" / "confusion_matrix.png").stat().st_size > 0
+    metrics = MlflowClient(trained["cfg"].tracking.resolved_uri()).get_run(trained["summary"]["run_id"]).data.metrics
+    assert metrics["test_kappa"] == pytest.approx(report["kappa"]) and metrics["test_samples"] == N
+
+
+@pytest.mark.parametrize("method", sorted(OWN))
+def test_the_saved_adapter_holds_exactly_the_methods_trainable_tensors(method: str, workspace: Path) -> None:
+    cfg = config(workspace, f"model.method={method}", "model.vpt.prompts=2", "train.epochs=1", "train.max_steps_per_epoch=1",
+                 "tracking.experiment=adapters")
+    out = workspace / f"adapter-{method}"
+    summary = train(cfg, workspace / "cache", out)
+    tensors = load_file(str(out / "adapter" / "adapter.safetensors"))
+    expected = {n for n, p in build_model(cfg).named_parameters() if p.requires_grad}
+    assert set(tensors) == expected
+    assert all(OWN[method](n) or n.startswith("classifier.") for n in tensors)
+    assert any(n.startswith("classifier.") for n in tensors) and (method == "linear" or any(OWN[method](n) for n in tensors))
+    assert sum(t.numel() for t in tensors.values()) == summary["trainable"]
+
+
+def tiny_onnx(path: Path) -> Path:
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [None, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
+def test_register_moves_the_alias_to_each_new_version_and_promote_moves_champion(trained: dict, workspace: Path) -> None:
+    cfg = trained["cfg"].model_copy(update={"tracking": trained["cfg"].tracking.model_copy(update={"registered_model": "steps-test"})})
+    export_dir = workspace / "export"
+    tiny_onnx(export_dir / "model.onnx")  # the register step logs the graph; its content is the export step's concern
+    first = register(cfg, trained["dir"], export_dir, workspace / "registry1")
+    second = register(cfg, trained["dir"], export_dir, workspace / "registry2")
+    assert (first["version"], second["version"]) == ("1", "2")
+    assert second["alias"] == "challenger" and second["model_uri"] == "models:/steps-test@challenger"
+    client = MlflowClient(cfg.tracking.resolved_uri())
+    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
+    assert str(client.get_model_version_by_alias("steps-test", "challenger").version) == "2"
+    tags = client.get_model_version("steps-test", "2").tags
+    adapter = json.loads((trained["dir"] / "adapter" / "adapter.json").read_text())
+    assert (tags["method"], tags["backbone"], tags["random_weights"]) == ("dvpt", adapter["backbone"], "true")
+    assert tags["backbone_fingerprint"] == adapter["backbone_fingerprint"]
+    assert json.loads((workspace / "registry2" / "registered.json").read_text()) == second
+    assert promote(cfg, "1") == {"registered_model": "steps-test", "version": "1", "alias": "champion"}
+    assert str(client.get_model_version_by_alias("steps-test", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("steps-test", "challenger").version) == "2"
