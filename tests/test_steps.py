@@ -16,7 +16,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import onnx
 import pytest
@@ -27,13 +26,14 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix
 
 from dvpt_core.config import ExperimentConfig
-from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE
+from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, META_FILE, SPLITS_FILE
+from dvpt_core.data.splits import SPLITS_COLUMNS
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.engine import predict
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import load_adapter
 from dvpt_core.steps.evaluate import evaluate
-from dvpt_core.steps.register import promote, register
+from dvpt_core.steps.register import register
 from dvpt_core.steps.train import train
 from tests.helpers import tiny_config
 from tests.test_methods import OWN
@@ -59,6 +59,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     write_split(root / "cache" / "train", images, labels)
     write_split(root / "cache" / "valid", images, 4 - labels)
     write_split(root / "cache" / "test", images, labels)
+    (root / "cache" / META_FILE).write_text(json.dumps({"task": "classification", "image_size": SIZE}))
+    rows = [f"{split}/{i}.png,,,,,{label},{split},1,{split}{i:040d}" for split, grades in
+            (("train", labels), ("valid", 4 - labels), ("test", labels)) for i, label in enumerate(grades)]
+    (root / "cache" / SPLITS_FILE).write_text("\n".join([",".join(SPLITS_COLUMNS), *rows]) + "\n")
     cwd = Path.cwd()
     os.chdir(root)  # MLflow writes artifacts beside the working directory
     try:
@@ -118,8 +122,9 @@ def test_evaluate_scores_the_adapter_like_scikit_learn(trained: dict, workspace:
     assert report["accuracy"] == pytest.approx(accuracy_score(labels, preds))
     assert report["confusion_matrix"] == confusion_matrix(labels, preds, labels=GRADES).tolist()
     assert (report["samples"], report["split"], report["random_weights"]) == (N, "test", True)
-    assert json.loads((workspace / "evaluation" / "metrics.json").read_text()) == report
-    assert (workspace / "evaluation" / "confusion_matrix.png").stat().st_size > 0
+    written = json.loads((workspace / "evaluation" / "metrics.json").read_text())
+    assert written == {k: report[k] for k in written}
+    assert (workspace / "evaluation" / "figures" / "confusion_matrix.png").stat().st_size > 0
     metrics = MlflowClient(trained["cfg"].tracking.resolved_uri()).get_run(trained["summary"]["run_id"]).data.metrics
     assert metrics["test_kappa"] == pytest.approx(report["kappa"]) and metrics["test_samples"] == N
 
@@ -147,22 +152,18 @@ def tiny_onnx(path: Path) -> Path:
     return path
 
 
-def test_register_moves_the_alias_to_each_new_version_and_promote_moves_champion(trained: dict, workspace: Path) -> None:
+def test_register_sets_the_alias_with_the_lineage_and_registers_a_run_once(trained: dict, workspace: Path) -> None:
     cfg = trained["cfg"].model_copy(update={"tracking": trained["cfg"].tracking.model_copy(update={"registered_model": "steps-test"})})
     export_dir = workspace / "export"
     tiny_onnx(export_dir / "model.onnx")  # the register step logs the graph; its content is the export step's concern
     first = register(cfg, trained["dir"], export_dir, workspace / "registry1")
-    second = register(cfg, trained["dir"], export_dir, workspace / "registry2")
-    assert (first["version"], second["version"]) == ("1", "2")
-    assert second["alias"] == "challenger" and second["model_uri"] == "models:/steps-test@challenger"
+    again = register(cfg, trained["dir"], export_dir, workspace / "registry2")
+    assert str(first["version"]) == str(again["version"]) == "1"
+    assert first["alias"] == "challenger" and first["model_uri"] == "models:/steps-test@challenger"
     client = MlflowClient(cfg.tracking.resolved_uri())
-    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
-    assert str(client.get_model_version_by_alias("steps-test", "challenger").version) == "2"
-    tags = client.get_model_version("steps-test", "2").tags
+    assert str(client.get_model_version_by_alias("steps-test", "challenger").version) == "1"
+    tags = client.get_model_version("steps-test", "1").tags
     adapter = json.loads((trained["dir"] / "adapter" / "adapter.json").read_text())
     assert (tags["method"], tags["backbone"], tags["random_weights"]) == ("dvpt", adapter["backbone"], "true")
     assert tags["backbone_fingerprint"] == adapter["backbone_fingerprint"]
-    assert json.loads((workspace / "registry2" / "registered.json").read_text()) == second
-    assert promote(cfg, "1") == {"registered_model": "steps-test", "version": "1", "alias": "champion"}
-    assert str(client.get_model_version_by_alias("steps-test", "champion").version) == "1"
-    assert str(client.get_model_version_by_alias("steps-test", "challenger").version) == "2"
+    assert json.loads((workspace / "registry1" / "registered.json").read_text())["version"] == first["version"]

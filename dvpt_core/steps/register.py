@@ -77,7 +77,7 @@ def register(cfg: ExperimentConfig, train_dir: Path, export_dir: Path, out_dir: 
                                 f"({err}); the version was removed, nothing is registered") from None
     publish_model_card(client, get_version(client, name, version.version), cfg.promotion)
     result = {
-        "registered": True, "registered_model": name, "version": version.version, "alias": cfg.tracking.alias,
+        "registered": True, "registered_model": name, "version": str(version.version), "alias": cfg.tracking.alias,
         "model_uri": f"models:/{name}@{cfg.tracking.alias}", "run_id": run["run_id"],
         "pyfunc_uri": run["model_uri"], "onnx_uri": version.tags.get("onnx_model_uri", ""),
         "tracking_uri": mask_uri(cfg.tracking.resolved_uri()),
