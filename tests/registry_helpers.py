@@ -24,6 +24,7 @@ from dvpt_core.config import ExperimentConfig
 from dvpt_core.steps.evaluate import evaluate
 from dvpt_core.steps.export import export
 from dvpt_core.steps.preprocess import preprocess
+from dvpt_core.steps.validate import validate
 from dvpt_core.steps.pretrain import pretrain, use_stand_in
 from dvpt_core.steps.register import register
 from dvpt_core.steps.train import train
@@ -84,7 +85,9 @@ def with_overrides(cfg: ExperimentConfig, *overrides: str) -> ExperimentConfig:
 
 
 def prepare(cfg: ExperimentConfig, data: Path, cache: Path) -> Path:
-    preprocess(cfg, data, cache)
+    validation = cache.parent / f"{cache.name}-validation"
+    validate(cfg, data, validation)
+    preprocess(cfg, data, cache, validation)
     return cache
 
 
@@ -113,7 +116,9 @@ def registry_runs(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) 
     """Trained and evaluated runs: good and bad on one dataset; bad on the same images under
     another DVC hash; good on another split of the same data."""
     root = tmp_path_factory.mktemp("registry_runs")
-    cfg = stand_in_config(root, mlflow_server, "unused")
+    # Every run is a linear probe (see QUALITY): the steps after training refuse settings that
+    # contradict the adapter, so the shared configuration says so too.
+    cfg = with_overrides(stand_in_config(root, mlflow_server, "unused"), "model.method=linear")
     data = brightness_dataset(root / "a")
     cache = prepare(cfg, data, root / "cache")
     other_data = Path(shutil.copytree(data, root / "b" / "data"))
@@ -122,6 +127,8 @@ def registry_runs(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) 
     runs = {
         "cfg": cfg,
         "good": trained_run(cfg, "good", data, cache, root / "good"),
+        # A second good run (another seed): registration is per run, so racing needs two.
+        "good_again": trained_run(with_overrides(cfg, "train.seed=1"), "good", data, cache, root / "good_again"),
         "bad": trained_run(cfg, "bad", data, cache, root / "bad"),
         "other_data": trained_run(cfg, "bad", other_data, cache, root / "other_data"),
         "other_split": trained_run(resplit, "good", data, prepare(resplit, data, root / "cache7"),

@@ -152,11 +152,14 @@ def test_better_challenger_promoted_worse_rejected_both_recorded(registry_runs: 
     assert better["decision"] == PROMOTED and _champion(name) == "2"
     assert better["comparison"]["difference"]["low"] > 0 and better["comparison"]["paired"]
 
-    worse = promote(cfg, _register(registry_runs, "bad", name))
+    # Registering a run again returns its version (registration is idempotent): the worse
+    # challenger is the bad run's version 1, now measured against champion 2.
+    assert _register(registry_runs, "bad", name) == "1"
+    worse = promote(cfg, "1")
     assert worse["decision"] == REJECTED and _champion(name) == "2"
     assert worse["comparison"]["difference"]["high"] < 0
 
-    v2, v3 = get_version(client, name, "2"), get_version(client, name, "3")
+    v2, v3 = get_version(client, name, "2"), get_version(client, name, "1")
     assert v3.tags["promotion.decision"] == REJECTED and v3.tags["promotion.compared_with"] == "2"
     assert v2.tags["promotion.decision"] == PROMOTED and v2.tags["champion.previous"] == "1"
     assert [e["action"] for e in events(v2)] == [PROMOTED, "kept"]
@@ -168,8 +171,8 @@ def test_better_challenger_promoted_worse_rejected_both_recorded(registry_runs: 
     assert {"decision.json", "bootstrap.png"} <= artifacts
 
     table = registry_rows(cfg)
-    assert [(r["version"], r["decision"]) for r in table["versions"]] == [("3", REJECTED), ("2", PROMOTED),
-                                                                           ("1", PROMOTED)]
+    # Version 1's latest decision is the rejection against champion 2.
+    assert [(r["version"], r["decision"]) for r in table["versions"]] == [("2", PROMOTED), ("1", REJECTED)]
     assert "@champion" in registry_text(table)
     capsys.readouterr()  # what MLflow printed so far
     assert main(["registry", "--set", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
@@ -226,7 +229,7 @@ def test_two_promotions_racing_leave_exactly_one_champion(registry_runs: dict) -
     name = "promo-race"
     cfg = _cfg(registry_runs, name, "promotion.floor=-1.0")
     promote(cfg, _register(registry_runs, "bad", name))
-    racers = [_register(registry_runs, "good", name), _register(registry_runs, "good", name)]
+    racers = [_register(registry_runs, "good", name), _register(registry_runs, "good_again", name)]
     start = threading.Barrier(len(racers))
     outcomes: dict[str, str] = {}
 

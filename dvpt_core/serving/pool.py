@@ -34,7 +34,7 @@ from dvpt_core.serving.sources import ModelSource, current_version, onnx_file, r
 log = logging.getLogger(__name__)
 # (method, architecture) whose model wraps the backbone without modifying it.
 SHARED_BACKBONE = frozenset({("dvpt", "vit"), ("dvpt", "swin"), ("linear", "vit"), ("linear", "swin"),
-                             ("vpt_shallow", "vit"), ("vpt_deep", "vit")})
+                             ("vpt_shallow", "vit"), ("vpt_deep", "vit"), ("evp", "vit")})
 RUNTIMES = ("torch", "onnx")
 
 

@@ -19,12 +19,13 @@ STEP_DIRS = ("pretrain", "validation", "cache", "train", "evaluation", "export",
 
 
 def run_all(cfg: ExperimentConfig, data_root: Path, out_root: Path) -> dict:
-    """With ``model.weights=stand-in`` the pretrain step runs first (or reuses its output) and
-    the backbone is read from where it wrote it, whatever ``model.weights_file`` said."""
+    """The data gate first (bad data stops everything before any other output exists); then,
+    with ``model.weights=stand-in``, the pretrain step (or its reused output), whose backbone the
+    later steps read whatever ``model.weights_file`` said."""
     out = {name: Path(out_root) / name for name in STEP_DIRS}
+    validate(cfg, data_root, out["validation"])
     pretrain_if_stand_in(cfg, out["pretrain"])
     cfg = use_stand_in(cfg, out["pretrain"])
-    validate(cfg, data_root, out["validation"])
     preprocess(cfg, data_root, out["cache"], out["validation"])
     trained = train(cfg, out["cache"], out["train"], data_root=data_root, validation_dir=out["validation"])
     metrics = evaluate(cfg, out["cache"], out["train"], out["evaluation"])
