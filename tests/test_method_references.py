@@ -528,7 +528,7 @@ def test_unsupported_backbones_and_blocks_are_refused_by_name() -> None:
     backbone, info = create_backbone(cfg.model)
     assert [len(stage) for stage in block_stages(backbone)] == [5]
     backbone.blocks[1] = nn.Identity()
-    with pytest.raises(ConfigError, match=r"only timm's pre-norm Block and SwinTransformerBlock are supported, not \['Identity'\]"):
+    with pytest.raises(ConfigError, match=r"only timm's pre-norm Block, SwinTransformerBlock and Hugging Face SegformerLayer are supported, not \[.Identity.\]"):
         block_stages(backbone)
     from dvpt_core.peft import dvpt
 

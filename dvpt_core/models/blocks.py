@@ -54,7 +54,7 @@ def block_stages(backbone: nn.Module) -> list[nn.ModuleList | nn.Sequential]:
     odd = {type(b).__name__ for stage in stages for b in stage if type(b) not in supported}
     if odd:
         raise ConfigError(
-            f"only timm's pre-norm Block and SwinTransformerBlock and SegformerLayer are supported, not {sorted(odd)}"
+            f"only timm's pre-norm Block, SwinTransformerBlock and Hugging Face SegformerLayer are supported, not {sorted(odd)}"
         )
     return stages
 
