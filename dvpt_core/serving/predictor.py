@@ -56,7 +56,8 @@ def records_from_logits(logits: np.ndarray, class_names: Sequence[str]) -> list[
 
 
 def torch_forward(model: torch.nn.Module) -> Forward:
-    model.eval()
+    """``model`` must already be in eval mode (``load_adapter`` and ``AdapterPool`` hand it so):
+    setting it here would walk the whole frozen backbone again on every hot swap."""
 
     def forward(batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
