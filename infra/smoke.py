@@ -121,8 +121,9 @@ def variant_problems(variant: str) -> list[str]:
         else:
             import onnxruntime
 
-            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                problems.append(f"onnxruntime-gpu without CUDAExecutionProvider: {onnxruntime.get_available_providers()}")
+            providers = onnxruntime.get_available_providers()
+            if "CUDAExecutionProvider" not in providers:
+                problems.append(f"onnxruntime-gpu without CUDAExecutionProvider: {providers}")
     return problems
 
 
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default=os.environ.get(VARIANT_ENV) or None,
                         help=f"check the image variant too (default: ${VARIANT_ENV})")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # WARNING: the stack's import-time INFO chatter would bury the result.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         result = smoke(args.variant)
     except SmokeError as err:

@@ -211,7 +211,8 @@ def test_images_are_tagged(overlay: tuple[str, list[dict]]) -> None:
     _, docs = overlay
     for workload, container, _ in containers(docs):
         image = container["image"]
-        assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), f"{where(workload, container)}: {image}"
+        tagged = re.search(r":[\w.-]+$", image) and not image.endswith(":latest")
+        assert tagged, f"{where(workload, container)}: {image}"
 
 
 def test_credentials_come_only_from_secrets(overlay: tuple[str, list[dict]]) -> None:
@@ -260,7 +261,8 @@ def secrets_read(docs: list[dict]) -> dict[tuple[str, str], set[str]]:
 
 
 def secrets_generated(example: list[dict]) -> dict[tuple[str, str], set[str]]:
-    return {(d["metadata"]["namespace"], d["metadata"]["name"]): set(d["data"]) for d in example if d["kind"] == "Secret"}
+    return {(d["metadata"]["namespace"], d["metadata"]["name"]): set(d["data"])
+            for d in example if d["kind"] == "Secret"}
 
 
 def secrets_documented(readme: str) -> dict[tuple[str, str], set[str]]:
@@ -344,7 +346,9 @@ def test_tracking_uri_for_the_pipeline_reaches_the_server(overlay: tuple[str, li
     service = service_address(docs, url.host, url.port)
     assert matches(service["spec"]["selector"], pod_labels(docs, "Deployment", "mlflow"))
     allowed = option(docs, server_container(docs), "--allowed-hosts").split(",")
-    assert is_allowed_host_header(allowed, f"{url.host}:{url.port}")
+    # The URI's host, the short Service name from the same namespace, and kubectl port-forward.
+    for host in (f"{url.host}:{url.port}", f"{service['metadata']['name']}:{url.port}", f"localhost:{url.port}"):
+        assert is_allowed_host_header(allowed, host), host
     assert not is_allowed_host_header(allowed, "attacker.example:5000")
 
 
