@@ -18,7 +18,6 @@ from dvpt_core.peft.adapter import load_adapter
 from pipelines.dvpt_pipeline import compile_pipeline, run_local, submit
 from tests.helpers import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 # Each task's upstream tasks: the steps, evaluate and export side by side after train, and the
 # champion's batch inference in the condition on the promotion decision.
 UPSTREAM = {
@@ -87,20 +86,6 @@ def test_batch_inference_pipeline_compiles_to_pretrain_then_predict(tmp_path) ->
         "pretrain": set(), "predict": {"pretrain"}}
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"data_dir", "config_json", "model_uri"}
     assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {"exec-predict"}
-
-
-def test_mlflow_manifest_accepts_the_in_cluster_host_on_one_worker() -> None:
-    from mlflow.server.security_utils import is_allowed_host_header
-
-    docs = yaml.safe_load_all((ROOT / "infra/k8s/mlflow.yaml").read_text())
-    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-    flags = dict(arg.removeprefix("--").split("=", 1) for arg in command if arg.startswith("--"))
-    assert flags["workers"] == "1"
-    allowed = flags["allowed-hosts"].split(",")
-    for host in ("mlflow.mlflow.svc.cluster.local:5000", "mlflow:5000", "localhost:5000"):
-        assert is_allowed_host_header(allowed, host), host
-    assert not is_allowed_host_header(allowed, "evil.example.com")
 
 
 def test_submit_compiles_and_sends_the_run(tmp_path, monkeypatch) -> None:
