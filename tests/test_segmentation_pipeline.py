@@ -6,7 +6,9 @@ checked against medpy on the predictions, never against the code under test."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import mlflow
 import nibabel
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -27,6 +30,7 @@ from dvpt_core.runtime import seed_everything
 from dvpt_core.steps.compare import rank, summarise
 from dvpt_core.steps.evaluate import evaluate
 from dvpt_core.steps.export import export
+from dvpt_core.steps.predict import predict
 from dvpt_core.steps.preprocess import preprocess
 from dvpt_core.steps.register import register
 from dvpt_core.steps.train import train
@@ -164,6 +168,45 @@ def test_register_makes_a_segmentation_version_with_its_onnx(kvasir: dict) -> No
     # The description is the version's model card (dvpt_core.registry.model_card).
     assert version.tags["task"] == "segmentation" and "RANDOM WEIGHTS" in version.description
 
+    # The registered pyfunc answers a label map at the input's own size: the adapter's argmax at the
+    # model's size, grown back nearest-neighbour (as evaluation resamples), as a PNG of class indices.
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    uri = f"models:/seg-tiny/{result['version']}"
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    assert {"mask", "fractions"} <= set(pyfunc.metadata.get_output_schema().input_names())
+    image = (np.random.default_rng(3).random((50, 70, 3)) * 255).astype(np.uint8)
+    image[10:40, 20:50] = [220, 120, 100]
+    answer = pyfunc.predict(pd.DataFrame({"image": [_png_bytes(image)]})).iloc[0]
+    with Image.open(io.BytesIO(base64.b64decode(answer["mask"]))) as png:
+        mask = np.asarray(png)
+    model = kvasir["model"]
+    resized = Image.fromarray(image).resize((64, 64), Image.Resampling.BILINEAR)
+    batch = (torch.from_numpy(np.asarray(resized)).permute(2, 0, 1).float() / 255 - torch.tensor(
+        model.info.mean).view(3, 1, 1)) / torch.tensor(model.info.std).view(3, 1, 1)
+    with torch.no_grad():
+        small = model(batch[None]).argmax(1)[0].numpy().astype(np.uint8)
+    rows, columns = (np.arange(50) * 64 // 50), (np.arange(70) * 64 // 70)
+    np.testing.assert_array_equal(mask, small[np.ix_(rows, columns)])
+    assert (answer["height"], answer["width"]) == (50, 70)
+    assert answer["fractions"]["polyp"] == pytest.approx(float((mask == 1).mean()))
+
+    # Batch inference writes each label map as a PNG and its fractions in the table.
+    folder = root / "to_predict"
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    (folder / "sub" / "a.png").write_bytes(_png_bytes(image))
+    summary = predict(uri, folder, root / "predicted")
+    assert (summary["predicted"], summary["failed"]) == (1, 0)
+    row = pd.read_csv(root / "predicted" / "predictions.csv").iloc[0]
+    assert row["mask"] == "masks/sub/a.png" and row["fraction_polyp"] == pytest.approx(answer["fractions"]["polyp"])
+    with Image.open(root / "predicted" / row["mask"]) as png:
+        np.testing.assert_array_equal(np.asarray(png), mask)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
 
 def test_validation_dice_scores_each_volume_from_its_slices(tmp_path: Path) -> None:
     """On a 3D split the selection score is per volume (its slices' counts summed), not per slice."""
@@ -231,16 +274,25 @@ def test_an_adapter_fixes_its_task_and_a_cache_its_task(tmp_path: Path) -> None:
         train(tiny_segformer_config(), root / "cache", tmp_path / "train")
 
 
-def test_served_outputs_are_label_maps_and_class_probabilities() -> None:
+def test_served_answers_are_label_maps_at_the_input_size_and_class_probabilities() -> None:
     logits = np.random.default_rng(0).normal(size=(2, 3, 5, 4)).astype(np.float32)
-    masks = SegmentationTask().predictions(logits, ["background", "a", "b"])["mask"]
-    assert masks.dtype == np.uint8 and masks.shape == (2, 5, 4)
-    assert all(logits[n, masks[n, i, j], i, j] == logits[n, :, i, j].max() for n, i, j in np.ndindex(masks.shape))
+    answers = SegmentationTask().answers(logits, ["background", "a", "b"], [(5, 4), (10, 12)])
+    for answer, label_map, (height, width) in zip(answers, logits.argmax(1), [(5, 4), (10, 12)]):
+        with Image.open(io.BytesIO(base64.b64decode(answer["mask"]))) as png:
+            mask = np.asarray(png)
+        # Nearest-neighbour growth: output pixel (i, j) takes input pixel (i * 5 // h, j * 4 // w).
+        assert mask.dtype == np.uint8 and mask.shape == (height, width)
+        np.testing.assert_array_equal(mask, label_map[np.ix_(np.arange(height) * 5 // height,
+                                                             np.arange(width) * 4 // width)])
+        counts = [int((mask == k).sum()) for k in range(3)]
+        assert answer["fractions"] == {n: c / mask.size for n, c in zip(["background", "a", "b"], counts)}
+        assert answer["classes"] == [n for n, c in zip(["background", "a", "b"], counts) if c]
     scores = logits[:, :, 0, 0]
-    served = ClassificationTask().predictions(scores, ["x", "y", "z"])
+    served = ClassificationTask().answers(scores, ["x", "y", "z"], [(1, 1)] * 2)
     expected = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
-    np.testing.assert_allclose(served["probabilities"], expected, rtol=1e-6)
-    assert list(served["label"]) == [["x", "y", "z"][i] for i in scores.argmax(1)]
+    np.testing.assert_allclose([list(a["probabilities"].values()) for a in served], expected, rtol=1e-6)
+    assert [a["label"] for a in served] == [["x", "y", "z"][i] for i in scores.argmax(1)]
+    assert [a["index"] for a in served] == list(scores.argmax(1))
 
 
 def test_comparisons_rank_segmentation_by_dice() -> None:

@@ -31,16 +31,18 @@ class InputError(ValueError):
     """An input that is not an image the model can read; the message names which one."""
 
 
-def to_rgb_array(value: Any, size: int, name: str = "image") -> np.ndarray:
+def to_rgb_array(value: Any, size: int, name: str = "image") -> tuple[np.ndarray, tuple[int, int]]:
     """``size`` x ``size`` x 3 uint8 RGB from encoded bytes, base64 text (a ``data:`` URL too) or
-    a uint8 H x W [x 3] array (nested lists from JSON included)."""
+    a uint8 H x W [x 3] array (nested lists from JSON included), and the input's own (height,
+    width), at which a segmentation model answers."""
     if isinstance(value, str):
         value = _from_base64(value, name)
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
-            return decode_image(bytes(value), size, MAX_PIXELS, Path(name))[0]
+            pixels, (width, height) = decode_image(bytes(value), size, MAX_PIXELS, Path(name))
         except ValueError as err:
             raise InputError(f"{name}: not a readable image ({err.__cause__ or err})") from None
+        return pixels, (height, width)
     array = np.asarray(value)
     if array.dtype != np.uint8:
         if array.dtype.kind not in "iu" or array.size == 0 or array.min() < 0 or array.max() > 255:
@@ -52,7 +54,7 @@ def to_rgb_array(value: Any, size: int, name: str = "image") -> np.ndarray:
         raise InputError(f"{name}: an array image must be H x W or H x W x 3, got shape {array.shape}")
     if array.size > MAX_PIXELS * 3:
         raise InputError(f"{name}: {array.shape} exceeds {MAX_PIXELS} pixels")
-    return resize_pair(array, None, size)[0]
+    return resize_pair(array, None, size)[0], (array.shape[0], array.shape[1])
 
 
 def _from_base64(text: str, name: str) -> bytes:

@@ -8,6 +8,7 @@ copy; the served model is the trained one by construction.
 from __future__ import annotations
 
 import base64
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -15,11 +16,14 @@ import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
-from mlflow.types.schema import AnyType, ColSpec, DataType, Object, Property, Schema
+from mlflow.types.schema import AnyType, ColSpec, Schema
+from PIL import Image
 
 import dvpt_core
 from dvpt_core.data.synthetic.ddr import encode_jpeg, render_fundus
-from dvpt_core.peft.adapter import read_adapter_config
+from dvpt_core.data.synthetic.kvasir import render_polyp
+from dvpt_core.peft.adapter import adapter_task, read_adapter_config
+from dvpt_core.tasks import get_task
 
 MODEL_NAME = "adapter_model"
 # The pyfunc's code file, by path: importing it would run its ``set_model`` here.
@@ -34,34 +38,43 @@ SERVING_REQUIREMENTS = [f"dvpt-mlops=={dvpt_core.__version__}"]
 EXAMPLE_GRADE, EXAMPLE_SEED = 2, 0
 
 
-def example_image(size: int, num_classes: int) -> bytes:
-    """A small realistic request: one JPEG-encoded synthetic fundus at the model's input size."""
-    grade = min(EXAMPLE_GRADE, num_classes - 1)
-    return encode_jpeg(render_fundus(grade, num_classes, size, np.random.default_rng(EXAMPLE_SEED)))
+def example_image(meta: dict) -> bytes:
+    """A small realistic request, one JPEG at the model's input size, of the adapter's task: a
+    synthetic fundus of a middle grade, or a synthetic polyp for segmentation."""
+    size, rng = int(meta["image_size"]), np.random.default_rng(EXAMPLE_SEED)
+    if adapter_task(meta) == "segmentation":
+        return encode_jpeg(Image.fromarray(render_polyp(size, size, rng)[0]))
+    num_classes = len(meta["class_names"])
+    return encode_jpeg(render_fundus(min(EXAMPLE_GRADE, num_classes - 1), num_classes, size, rng))
 
 
 def model_signature(adapter_dir: Path) -> tuple[pd.DataFrame, ModelSignature]:
-    """An input example (one base64 JPEG, as JSON carries it) and the signature images ->
-    class name, index and per-class probabilities. The ``image`` column is typed Any: it takes
-    bytes, base64 text or uint8 arrays (``dvpt_core.serving.inputs``)."""
+    """An input example (one base64 JPEG, as JSON carries it) and the signature images -> the
+    task's answer (``Task.answers``: class name, index and probabilities, or a PNG label map and
+    class fractions), inferred from an answer to all-zero logits. The ``image`` column is typed
+    Any: it takes bytes, base64 text or uint8 arrays (``dvpt_core.serving.inputs``)."""
     meta = read_adapter_config(adapter_dir)
-    names = list(meta["class_names"])
-    jpeg = example_image(int(meta["image_size"]), len(names))
-    example = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(jpeg).decode("ascii")]})
-    outputs = Schema([
-        ColSpec(DataType.string, "label"),
-        ColSpec(DataType.long, "index"),
-        ColSpec(Object([Property(name, DataType.double) for name in names]), "probabilities"),
-    ])
+    example = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example_image(meta)).decode("ascii")]})
+    with warnings.catch_warnings():
+        # MLflow's hint about integer columns and missing values: an answer's index is never missing.
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        outputs = infer_signature(model_output=pd.DataFrame(_answers_to_zeros(meta))).outputs
     return example, ModelSignature(inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN)]), outputs=outputs)
 
 
 def onnx_signature(adapter_dir: Path) -> ModelSignature:
-    """The exported graph's signature: normalised float32 images (N, 3, S, S) -> logits (N, K)."""
+    """The exported graph's signature: normalised float32 images (N, 3, S, S) -> the task's
+    logits ((N, K) or (N, K, S, S))."""
     meta = read_adapter_config(adapter_dir)
-    size = meta["image_size"]
-    return infer_signature(np.zeros((1, 3, size, size), dtype=np.float32),
-                           np.zeros((1, len(meta["class_names"])), dtype=np.float32))
+    size = int(meta["image_size"])
+    shape = get_task(adapter_task(meta)).logits_shape(1, size, len(meta["class_names"]))
+    return infer_signature(np.zeros((1, 3, size, size), dtype=np.float32), np.zeros(shape, dtype=np.float32))
+
+
+def _answers_to_zeros(meta: dict) -> list[dict]:
+    size, names = int(meta["image_size"]), list(meta["class_names"])
+    task = get_task(adapter_task(meta))
+    return task.answers(np.zeros(task.logits_shape(1, size, len(names)), dtype=np.float32), names, [(size, size)])
 
 
 def log_adapter_model(adapter_dir: Path) -> ModelInfo:

@@ -1,58 +1,57 @@
-"""Images in, class names and probabilities out: the one prediction path of the MLflow pyfunc,
-batch inference (``dvpt predict``) and the multi-adapter server.
+"""Images in, the task's answers out (class names and probabilities, or label maps): the one
+prediction path of the MLflow pyfunc, batch inference (``dvpt predict``) and the multi-adapter server.
 
 The model is any function from the normalised batch to logits: the adapted PyTorch model
-(``torch_forward``) or the exported ONNX graph of backbone + adapter (``onnx_forward``).
+(``torch_forward``) or the exported ONNX graph of backbone + adapter (``onnx_forward``); what the
+logits mean is the adapter's task's (``dvpt_core.tasks``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from dvpt_core.peft.adapter import adapter_task
 from dvpt_core.serving.inputs import Normaliser, to_rgb_array
+from dvpt_core.tasks import get_task
 
 Forward = Callable[[torch.Tensor], np.ndarray]
-# Segmentation serving (masks as PNG / NIfTI) plugs in here once the segmentation head exists.
-SEGMENTATION_HOOK = ("serving segmentation adapters (masks as PNG or NIfTI) is not built yet: it comes with the "
-                     "segmentation head (issue #9); dvpt_core.serving.predictor.Predictor is where it plugs in")
+
+
+class Prepared(NamedTuple):
+    """One input at the model's size, and its own (height, width)."""
+
+    pixels: np.ndarray
+    size: tuple[int, int]
 
 
 class Predictor:
     """One adapter's predictions from images, with its own preprocessing (``adapter.json``)."""
 
     def __init__(self, meta: dict[str, Any], forward: Forward) -> None:
-        if meta.get("task", "classification") != "classification":
-            raise NotImplementedError(SEGMENTATION_HOOK)
+        self.task = get_task(adapter_task(meta))
         self.class_names = list(meta["class_names"])
         self.size = int(meta["image_size"])
         self.normalise = Normaliser(self.size, meta["mean"], meta["std"])
         self.forward = forward
 
-    def prepare(self, value: Any, name: str = "image") -> np.ndarray:
-        """One input as a uint8 RGB array at the model's size; ``InputError`` names what is wrong."""
-        return to_rgb_array(value, self.size, name)
+    def prepare(self, value: Any, name: str = "image") -> Prepared:
+        """One input ready for the model; ``InputError`` names what is wrong with it."""
+        return Prepared(*to_rgb_array(value, self.size, name))
 
-    def predict_arrays(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        """Prepared images -> one ``{"label", "index", "probabilities"}`` per image."""
+    def predict_prepared(self, images: Sequence[Prepared]) -> list[dict[str, Any]]:
+        """One answer per prepared image (``Task.answers``)."""
         if not images:
             return []
-        logits = np.asarray(self.forward(self.normalise(images)), dtype=np.float64)
-        return records_from_logits(logits, self.class_names)
+        logits = np.asarray(self.forward(self.normalise([im.pixels for im in images])), dtype=np.float32)
+        return self.task.answers(logits, self.class_names, [im.size for im in images])
 
     def predict(self, values: Sequence[Any]) -> list[dict[str, Any]]:
-        return self.predict_arrays([self.prepare(v, f"image {i}") for i, v in enumerate(values)])
-
-
-def records_from_logits(logits: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-    return [{"label": class_names[int(row.argmax())], "index": int(row.argmax()),
-             "probabilities": {name: float(p) for name, p in zip(class_names, row)}} for row in probabilities]
+        return self.predict_prepared([self.prepare(v, f"image {i}") for i, v in enumerate(values)])
 
 
 def torch_forward(model: torch.nn.Module) -> Forward:

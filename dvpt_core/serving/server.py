@@ -8,7 +8,8 @@ Endpoints::
     GET  /adapters               the live adapters: source, version, runtime, fingerprint, swap time
     PUT  /adapters/{name}        {"uri": "models:/NAME@champion", "runtime": "torch"}: load or swap
     POST /predict/{name}         {"images": ["<base64 image file>", ...]} (or uint8 H x W x 3 lists)
-                                 -> {"adapter", "version", "predictions": [{"label", "index", "probabilities"}]}
+                                 -> {"adapter", "version", "predictions": [the task's answer per image: {"label", "index",
+                                 "probabilities"}, or {"mask" (base64 PNG), "height", "width", "classes", "fractions"}]}
 
 With ``watch_s`` set, a background thread polls the registry and swaps in the version an
 adapter's alias points at when it moves (``AdapterPool.refresh``). Prediction endpoints are

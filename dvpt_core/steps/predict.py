@@ -1,10 +1,12 @@
 """Batch inference (``dvpt predict``): a registered adapter over a folder of images, a CSV naming
-images, or a DVC-tracked dataset folder, through PyTorch or ONNX Runtime.
+images, or a DVC-tracked dataset folder, through PyTorch or ONNX Runtime; classification or
+segmentation, as the adapter's task says.
 
 Every input is decoded and preprocessed by the serving path (``dvpt_core.serving``), so batch
 and online predictions agree. A file that cannot be read or decoded becomes an ``error`` row
 naming the reason and never stops the others. Writes ``predictions.csv`` (per image: file,
-status, class name, index, one probability column per class, error) and ``summary.json``
+status, the task's columns, error: a class name, index and one probability column per class, or
+the label map's PNG under ``masks/`` and each class's pixel fraction) and ``summary.json``
 (counts, failures, the model version and the data's DVC hash where the input is DVC-tracked).
 """
 
@@ -64,7 +66,8 @@ def predict(model_uri: str, inputs: Path, out_dir: Path, runtime: str = "torch",
             batch = []
     rows += _predict_batch(predictor, batch)
     rows.sort(key=lambda row: row["file"])
-    _write_csv(out_dir / PREDICTIONS_FILE, rows, predictor.class_names)
+    _write_csv(out_dir / PREDICTIONS_FILE, [_table_row(predictor, row, out_dir) for row in rows],
+               predictor.task.table_columns(predictor.class_names))
     failures = [{"file": r["file"], "error": r["error"]} for r in rows if r["status"] == ERROR]
     summary = {
         "model": model_uri, "registered_model": source.name, "version": source.version, "runtime": runtime,
@@ -110,19 +113,22 @@ def _predictor(source: ModelSource, runtime: str, weights_file: Path | None, cac
 
 
 def _predict_batch(predictor: Predictor, batch: list) -> list[dict]:
-    records = predictor.predict_arrays([image for _, image in batch])
-    return [{"file": item.name, "status": OK, **record, "error": ""} for (item, _), record in zip(batch, records)]
+    answers = predictor.predict_prepared([image for _, image in batch])
+    return [{"file": item.name, "status": OK, "answer": answer, "error": ""} for (item, _), answer in zip(batch, answers)]
 
 
 def _error_row(item: Item, err: Exception) -> dict:
-    return {"file": item.name, "status": ERROR, "label": "", "index": "", "probabilities": {},
-            "error": f"{type(err).__name__}: {err}"}
+    return {"file": item.name, "status": ERROR, "answer": None, "error": f"{type(err).__name__}: {err}"}
 
 
-def _write_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
+def _table_row(predictor: Predictor, row: dict, out_dir: Path) -> dict:
+    answer = row["answer"]
+    columns = {} if answer is None else predictor.task.table_row(answer, out_dir, row["file"])
+    return {"file": row["file"], "status": row["status"], **columns, "error": row["error"]}
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with atomic_file(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "status", "label", "index", *[f"p_{n}" for n in class_names], "error"])
-        for row in rows:
-            probs = [row["probabilities"].get(n, "") for n in class_names]
-            writer.writerow([row["file"], row["status"], row["label"], row["index"], *probs, row["error"]])
+        writer = csv.DictWriter(handle, ["file", "status", *columns, "error"], restval="")
+        writer.writeheader()
+        writer.writerows(rows)

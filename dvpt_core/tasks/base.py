@@ -108,8 +108,19 @@ class Task(ABC):
         """The model's output shape for ``batch`` images (``"batch"`` for a dynamic axis)."""
 
     @abstractmethod
-    def predictions(self, logits: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
-        """What a served model answers for ``logits`` (the pyfunc calls this)."""
+    def answers(self, logits: np.ndarray, class_names: Sequence[str],
+                sizes: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        """What a served model returns: one JSON-ready answer per image, from the batch's logits
+        and each input's original (height, width)."""
+
+    @abstractmethod
+    def table_columns(self, class_names: Sequence[str]) -> list[str]:
+        """The columns batch inference writes for an answer (after ``file`` and ``status``)."""
+
+    @abstractmethod
+    def table_row(self, answer: dict[str, Any], out_dir: Path, name: str) -> dict[str, Any]:
+        """``answer`` as a row of :meth:`table_columns`; files too big for a cell (masks) are
+        written under ``out_dir`` and the row names them (``name``: the input's relative path)."""
 
     def parity(self, outputs: Sequence[tuple[np.ndarray, np.ndarray]], atol: float) -> tuple[dict[str, Any], str | None]:
         """Whether ONNX reproduces PyTorch: ``outputs`` are (PyTorch, ONNX Runtime) pairs per batch.

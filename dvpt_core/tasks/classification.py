@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,12 +60,21 @@ class ClassificationTask(Task):
     def logits_shape(self, batch: int | str, image_size: int, num_classes: int) -> list[int | str]:
         return [batch, num_classes]
 
-    def predictions(self, logits: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
-        """``label``: each image's most probable class name (N,); ``probabilities``: the softmax
-        over the classes (N x K float32), in ``class_names`` order."""
-        probabilities = torch.as_tensor(np.asarray(logits, dtype=np.float32)).softmax(1).numpy()
-        return {"label": np.asarray(class_names)[probabilities.argmax(1)], "probabilities": probabilities}
+    def answers(self, logits: np.ndarray, class_names: Sequence[str],
+                sizes: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        """Per image: the most probable class's name and index, and the softmax over the classes."""
+        logits = np.asarray(logits, dtype=np.float64)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        return [{"label": class_names[int(row.argmax())], "index": int(row.argmax()),
+                 "probabilities": {name: float(p) for name, p in zip(class_names, row)}} for row in probabilities]
 
+    def table_columns(self, class_names: Sequence[str]) -> list[str]:
+        return ["label", "index", *[f"p_{name}" for name in class_names]]
+
+    def table_row(self, answer: dict[str, Any], out_dir: Path, name: str) -> dict[str, Any]:
+        return {"label": answer["label"], "index": answer["index"],
+                **{f"p_{n}": p for n, p in answer["probabilities"].items()}}
 
 def _predict_all(run: Prediction, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every logit and label of the split on the CPU (N x K: small for any classification split)."""

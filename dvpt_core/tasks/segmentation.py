@@ -12,8 +12,10 @@ test Dice of the same predictions; it only ranks epochs.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ import torch
 from dvpt_core.data.atomic import atomic_file
 from dvpt_core.data.cache_layout import IMAGES_FILE, MASKS_FILE, SLICES_FILE, VOLUMES_FILE
 from dvpt_core.data.cases import has_volumes, sample_cases
+from dvpt_core.data.formats.pixels import encode_png, resize_label_map
 from dvpt_core.losses import segmentation_loss
 from dvpt_core.metrics.per_sample import records_file, segmentation_records, write_records
 from dvpt_core.metrics.segmentation import (
@@ -36,6 +39,8 @@ CLASS_TABLE_FILE = "class_table.md"
 VOLUMES_DIR = "volumes"
 # Cases in the overlay grid: evenly spaced over the cases ranked by Dice, worst first.
 OVERLAY_CASES = 6
+# Batch inference's label maps, ``<input's relative path>.png``.
+MASKS_DIR = "masks"
 
 
 class SegmentationTask(Task):
@@ -124,9 +129,31 @@ class SegmentationTask(Task):
     def logits_shape(self, batch: int | str, image_size: int, num_classes: int) -> list[int | str]:
         return [batch, num_classes, image_size, image_size]
 
-    def predictions(self, logits: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
-        """``mask``: each image's label map (N x H x W uint8 class indices, ``class_names`` order)."""
-        return {"mask": np.asarray(logits).argmax(1).astype(np.uint8)}
+    def answers(self, logits: np.ndarray, class_names: Sequence[str],
+                sizes: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        """Per image: its label map at the input's own size (nearest, as evaluation resamples), a
+        base64 PNG of uint8 class indices in ``class_names`` order, and each class's pixel fraction."""
+        label_maps = np.asarray(logits).argmax(1).astype(np.uint8)
+        answers = []
+        for label_map, (height, width) in zip(label_maps, sizes):
+            mask = resize_label_map(label_map, (height, width))
+            counts = np.bincount(mask.ravel(), minlength=len(class_names))
+            answers.append({
+                "mask": base64.b64encode(encode_png(mask)).decode("ascii"), "height": height, "width": width,
+                "classes": [n for n, c in zip(class_names, counts) if c],
+                "fractions": {n: float(c) / mask.size for n, c in zip(class_names, counts)},
+            })
+        return answers
+
+    def table_columns(self, class_names: Sequence[str]) -> list[str]:
+        return ["mask", "classes", *[f"fraction_{name}" for name in class_names]]
+
+    def table_row(self, answer: dict[str, Any], out_dir: Path, name: str) -> dict[str, Any]:
+        relative = Path(MASKS_DIR) / Path(name).with_suffix(".png")
+        with atomic_file(out_dir / relative) as tmp:
+            tmp.write_bytes(base64.b64decode(answer["mask"]))
+        return {"mask": str(relative), "classes": " ".join(answer["classes"]),
+                **{f"fraction_{n}": f for n, f in answer["fractions"].items()}}
 
     def parity(self, outputs: Sequence[tuple[np.ndarray, np.ndarray]], atol: float) -> tuple[dict, str | None]:
         """Logits within ``atol`` and equal masks wherever PyTorch's two best classes are more

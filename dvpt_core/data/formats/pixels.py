@@ -239,6 +239,13 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return resize_label_map(mask, (size, size))
 
 
+def encode_png(array: np.ndarray) -> bytes:
+    """A uint8 array (a label map, an image) as PNG bytes: lossless, so class indices survive."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def resize_label_map(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A uint8 label map resized nearest-neighbour to ``shape`` (rows, columns): no new label values.
 
