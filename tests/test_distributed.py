@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from dvpt_core.checkpoint import CHECKPOINT_FILE
 from dvpt_core.config import ConfigError
+from dvpt_core.data.dataset import make_loader, set_epoch
 from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.distributed import process_group
 from dvpt_core.steps.preprocess import preprocess
@@ -131,6 +132,26 @@ def test_two_processes_train_what_one_does_and_resume_together(prepared, tmp_pat
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4]
     assert [p.relative_to(two) for p in two.rglob("*.safetensors")] == [Path("adapter/adapter.safetensors")]
     assert not (two / CHECKPOINT_FILE).exists() and not (two / "active.json").exists()
+
+
+def test_the_processes_shares_of_a_batch_are_one_process_batch_augmented_alike(prepared) -> None:
+    """Process r's j-th sample of a step is sample ``j * 2 + r`` of one process's batch, image
+    (augmented) and label; the epoch's last batch of 3 comes as 2 + 1 plus the sampler's padding."""
+    cfg = tiny_config(*RUN)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    one = make_loader(prepared["cache"] / "train", mean, std, True, cfg)
+    shares = [make_loader(prepared["cache"] / "train", mean, std, True, cfg, world_size=2, rank=r) for r in (0, 1)]
+    for loader in (one, *shares):
+        set_epoch(loader, 1)
+    steps = list(zip(one, *shares, strict=True))
+    assert [len(batch[1]) for batch, _, _ in steps] == [6, 6, 3]
+    for (images, labels), *parts in steps:
+        for position in range(len(labels)):
+            share_images, share_labels = parts[position % 2]
+            assert torch.equal(share_images[position // 2], images[position])
+            assert share_labels[position // 2] == labels[position]
+    set_epoch(one, 0)
+    assert not torch.equal(next(iter(one))[0], steps[0][0][0]), "each epoch is ordered and augmented anew"
 
 
 def test_a_global_batch_the_processes_cannot_share_evenly_is_refused(monkeypatch) -> None:
