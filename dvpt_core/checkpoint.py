@@ -6,7 +6,8 @@ scheduler states, every random generator (Python, NumPy, torch's global one and 
 the best epoch so far with its tensors, the history and the MLflow run. It is written to a
 temporary file and renamed, so a kill during the write leaves the previous checkpoint intact.
 It is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only,
-nothing unpickled. Resuming requires the same configuration key (everything that shapes training);
+nothing unpickled (under torchrun rank 0 reads it and sends it to the other processes, which
+have no file of their own). Resuming requires the same configuration key (everything that shapes training);
 a checkpoint made under another configuration is discarded and training starts fresh, so a changed
 experiment (``dvc exp run -S ...``) never continues a different run.
 """

@@ -99,7 +99,8 @@ def process_group(train: TrainConfig) -> Iterator[Ranks]:
         yield Ranks(device=device)
         return
     local_batch_size(train.batch_size, world_size)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    # A PyTorchJob that starts one process per pod without torchrun sets no LOCAL_RANK.
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

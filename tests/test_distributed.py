@@ -22,13 +22,10 @@ from safetensors.torch import load_file
 from dvpt_core.checkpoint import CHECKPOINT_FILE
 from dvpt_core.config import ConfigError
 from dvpt_core.data.dataset import make_loader, set_epoch
-from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.distributed import process_group
-from dvpt_core.steps.preprocess import preprocess
 from dvpt_core.steps.sync import HISTORY_FILE, read_sync_state
 from dvpt_core.steps.train import train
-from dvpt_core.steps.validate import validate
-from tests.helpers import TINY, params_tree, tiny_config
+from tests.helpers import TINY, params_tree, prepared_dataset, tiny_config
 
 PROCESSES = 2
 # 15 training images in global batches of 6: 6, 6 and 3, the last one split 2 + 1 and padded by
@@ -43,12 +40,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("distributed")
-    cfg = tiny_config(*RUN)
-    generate_dataset(root / "data", cfg)
-    validate(cfg, root / "data", root / "validation")
-    preprocess(cfg, root / "data", root / "cache", root / "validation")
-    return {"data": root / "data", "cache": root / "cache", "validation": root / "validation"}
+    return prepared_dataset(tiny_config(*RUN), tmp_path_factory.mktemp("distributed"))
 
 
 def _torchrun(params: Path, prepared: dict[str, Path], out: Path) -> list[str]:

@@ -45,6 +45,7 @@ from dvpt_core.data.cache_layout import META_FILE
 from dvpt_core.data.dataset import make_loader, set_epoch
 from dvpt_core.distributed import GlobalBatch, Ranks, data_parallel, process_group
 from dvpt_core.engine import train_one_epoch
+from dvpt_core.models.adapted import AdaptedModel
 from dvpt_core.models.backbone import BackboneInfo, weights_warning
 from dvpt_core.optim import make_optimizer, make_scheduler
 from dvpt_core.peft import build_model, count_parameters
@@ -285,7 +286,7 @@ class _Training:
     ``validation``: rank 0's validation split (the other processes have none)."""
 
     task: Task
-    model: Any
+    model: AdaptedModel
     trained: torch.nn.Module
     batches: DataLoader
     gather: GlobalBatch | None
