@@ -6,7 +6,8 @@ scheduler states, every random generator (Python, NumPy, torch's global one and 
 the best epoch so far with its tensors, the history and the MLflow run. It is written to a
 temporary file and renamed, so a kill during the write leaves the previous checkpoint intact.
 It is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only,
-nothing unpickled. Resuming requires the same configuration key (everything that shapes training);
+nothing unpickled (under torchrun rank 0 reads it and sends it to the other processes, which
+have no file of their own). Resuming requires the same configuration key (everything that shapes training);
 a checkpoint made under another configuration is discarded and training starts fresh, so a changed
 experiment (``dvc exp run -S ...``) never continues a different run.
 """
@@ -101,10 +102,10 @@ def save_checkpoint(path: Path, state: TrainingState, model: torch.nn.Module, op
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path, key: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, generator: torch.Generator) -> TrainingState | None:
-    """The saved state restored into the given objects, or None when there is nothing to resume
-    (no checkpoint, or one made under another configuration, which is then removed)."""
+def read_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` as saved, or None when there is nothing to resume (no
+    checkpoint, or one made under another configuration, which is then removed). Under torchrun
+    rank 0 reads it and every process restores what rank 0 read (``Ranks.from_main``)."""
     if not path.is_file():
         return None
     try:
@@ -117,11 +118,19 @@ def load_checkpoint(path: Path, key: str, model: torch.nn.Module, optimizer: tor
         log.warning("checkpoint %s was made under another configuration: starting fresh", path)
         path.unlink()
         return None
+    log.info("resuming from %s after epoch %d", path, payload["epoch"])
+    return payload
+
+
+def restore_checkpoint(payload: dict[str, Any] | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any, generator: torch.Generator) -> TrainingState | None:
+    """A :func:`read_checkpoint` payload restored into the given objects (None: nothing to restore)."""
+    if payload is None:
+        return None
     model.load_state_dict(payload["trainable"], strict=False)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     restore_rng_states(payload["rng"], generator)
-    log.info("resuming from %s after epoch %d", path, payload["epoch"])
-    return TrainingState(key=key, epoch=payload["epoch"], best_score=payload["best_score"],
+    return TrainingState(key=payload["key"], epoch=payload["epoch"], best_score=payload["best_score"],
                          best_epoch=payload["best_epoch"], best_state=payload["best_state"],
                          history=payload["history"], run_id=payload["run_id"])

@@ -312,6 +312,8 @@ class TrainConfig(_Strict):
     """
 
     epochs: int = Field(default=80, ge=1)
+    # The global batch: under torchrun each of the N processes takes batch_size / N of it
+    # (``dvpt_core.distributed``), and training is one process's up to rounding.
     batch_size: int = Field(default=70, ge=1)
     lr: float = Field(default=0.01, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
@@ -334,6 +336,9 @@ class TrainConfig(_Strict):
     color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     # Stop after this many optimiser steps per epoch (None: the whole split). For smoke runs.
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    # Under torchrun: how long a process waits in a collective (for a peer that died or hangs,
+    # or for rank 0's validation and MLflow calls) before it fails instead of waiting for ever.
+    process_group_timeout_s: float = Field(default=1800.0, gt=0)
 
 
 class PretrainConfig(_Strict):

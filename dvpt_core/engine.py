@@ -10,6 +10,9 @@ from tqdm.auto import tqdm
 
 from dvpt_core.runtime import autocast
 
+# (step, logits, targets) of this process's share of a batch -> the whole batch's logits and targets.
+Gather = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 
 def train_one_epoch(
     model: nn.Module,
@@ -23,9 +26,13 @@ def train_one_epoch(
     max_steps: int | None = None,
     desc: str = "train",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+    gather: Gather | None = None,
 ) -> float:
     """One pass; ``on_step`` receives the optimiser step count (for per-step LR schedules).
-    ``loss_fn(logits, targets)``: the task's loss (``dvpt_core.tasks``), cross-entropy by default."""
+    ``loss_fn(logits, targets)``: the task's loss (``dvpt_core.tasks``), cross-entropy by default.
+    ``gather(step, logits, targets)``: where each process holds a share of the batch
+    (``dvpt_core.distributed.GlobalBatch``), the whole batch's, so the loss and the returned mean
+    loss are one process's."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total, seen = 0.0, 0
@@ -34,7 +41,10 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(progress, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
-            loss = loss_fn(model(images).float(), labels)
+            logits = model(images).float()
+            if gather is not None:
+                logits, labels = gather(step, logits, labels)
+            loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:

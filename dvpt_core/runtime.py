@@ -18,6 +18,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Streams of :func:`derived_seed`, so that no two uses of one seed draw the same numbers.
+AUGMENTATION_STREAM = 1
+DROPOUT_STREAM = 2
+
+
+def derived_seed(*keys: int) -> int:
+    """A 64-bit seed for the stream named by ``keys`` (e.g. seed, stream, epoch, sample), mixed by
+    NumPy's SeedSequence: neighbouring keys give unrelated streams, unlike ``seed + epoch``."""
+    return int(np.random.SeedSequence([key % 2**64 for key in keys]).generate_state(1, np.uint64)[0])
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed)

@@ -31,3 +31,18 @@ def terminate_as_exception() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def termination_ignored() -> Iterator[None]:
+    """Within the block SIGTERM is ignored: a run that is already ending (closing its MLflow run
+    after an error or a first signal) is not cut short by another one, e.g. torchrun stopping
+    the other processes once one has failed. Outside the main thread: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

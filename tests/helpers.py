@@ -101,3 +101,15 @@ def validated(cfg: ExperimentConfig, root: Path, out: Path) -> Path:
 
     validate(cfg, root, out)
     return Path(out)
+
+
+def prepared_dataset(cfg: ExperimentConfig, root: Path) -> dict[str, Path]:
+    """The built-in dataset ``cfg`` describes, generated, validated and preprocessed under
+    ``root``: the folders the train step reads (``data``, ``validation``, ``cache``)."""
+    from dvpt_core.data.synthetic import generate_dataset
+    from dvpt_core.steps.preprocess import preprocess
+
+    generate_dataset(root / "data", cfg)
+    validated(cfg, root / "data", root / "validation")
+    preprocess(cfg, root / "data", root / "cache", root / "validation")
+    return {"data": root / "data", "cache": root / "cache", "validation": root / "validation"}

@@ -96,6 +96,7 @@ PAPER_AND_SAFETY_DEFAULTS = [
     ("synthetic.image_size", 160, ""), ("synthetic.seed", 0, ""),
     ("model.image_size", 224, ""), ("model.init_seed", 0, ""), ("model.activation", "gelu", ""),
     ("train.num_workers", 0, ""), ("train.seed", 0, ""), ("train.device", "auto", ""),
+    ("train.process_group_timeout_s", 1800.0, "torch's own default for a process group"),
 ]
 
 
@@ -171,6 +172,7 @@ BOUNDARIES = [
     ("train.grad_clip", 1e-9, 0.0),
     ("train.num_workers", 0, -1),
     ("train.max_steps_per_epoch", 1, 0),
+    ("train.process_group_timeout_s", 1e-9, 0.0),
     ("export.opset", 13, 12),
     ("export.parity_atol", 1e-12, 0.0),
 ]

@@ -20,13 +20,10 @@ import yaml
 from safetensors.torch import load_file
 
 from dvpt_core.checkpoint import CHECKPOINT_FILE
-from dvpt_core.data.synthetic import generate_dataset
-from dvpt_core.steps.preprocess import preprocess
 from dvpt_core.steps.register import RegistrationError, register
 from dvpt_core.steps.sync import read_sync_state
-from dvpt_core.steps.validate import validate
 from tests.conftest import LocalMlflowServer
-from tests.helpers import TINY, params_tree, tiny_config
+from tests.helpers import TINY, params_tree, prepared_dataset, tiny_config
 
 EPOCHS = 4
 RUN = [*TINY, f"train.epochs={EPOCHS}", "train.warmup_epochs=1", "synthetic.train=32"]
@@ -40,12 +37,7 @@ def _params(path: Path, uri: str, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("faults")
-    cfg = tiny_config(*RUN)
-    generate_dataset(root / "data", cfg)
-    validate(cfg, root / "data", root / "validation")
-    preprocess(cfg, root / "data", root / "cache", root / "validation")
-    return {"data": root / "data", "cache": root / "cache", "validation": root / "validation"}
+    return prepared_dataset(tiny_config(*RUN), tmp_path_factory.mktemp("faults"))
 
 
 def _train_command(params: Path, prepared: dict[str, Path], out: Path) -> list[str]:

@@ -30,7 +30,7 @@ import dvpt_core
 from dvpt_core.config import ExperimentConfig, ModelConfig
 from dvpt_core.data.atomic import atomic_directory
 from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE
-from dvpt_core.data.dataset import make_loader
+from dvpt_core.data.dataset import make_loader, set_epoch
 from dvpt_core.data.synthetic import source
 from dvpt_core.engine import predict, train_one_epoch
 from dvpt_core.models.backbone import STAND_IN_METADATA_KEY
@@ -141,6 +141,7 @@ def _fit(model: torch.nn.Module, loaders: dict, cfg: ExperimentConfig) -> list[d
     scheduler = make_scheduler(optimizer, p.lr, p.epochs, p.warmup_epochs, steps)
     history = []
     for epoch in range(p.epochs):
+        set_epoch(loaders["train"], epoch)
         loss = train_one_epoch(model, loaders["train"], optimizer,
                                lambda step, done=epoch * steps: scheduler.step_update(done + step),
                                torch.device("cpu"), desc=f"pretrain {epoch + 1}/{p.epochs}")

@@ -28,24 +28,30 @@ import json
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
+from torch.utils.data import DataLoader
 
-from dvpt_core.checkpoint import CHECKPOINT_FILE, TrainingState, config_key, load_checkpoint, save_checkpoint
+from dvpt_core.checkpoint import (
+    CHECKPOINT_FILE, TrainingState, config_key, read_checkpoint, restore_checkpoint, save_checkpoint,
+)
 from dvpt_core.config import ConfigError, ExperimentConfig
 from dvpt_core.data.atomic import pid_alive
 from dvpt_core.data.cache_layout import META_FILE
-from dvpt_core.data.dataset import make_loader
+from dvpt_core.data.dataset import make_loader, set_epoch
+from dvpt_core.distributed import GlobalBatch, Ranks, data_parallel, process_group
 from dvpt_core.engine import train_one_epoch
+from dvpt_core.models.adapted import AdaptedModel
 from dvpt_core.models.backbone import BackboneInfo, weights_warning
 from dvpt_core.optim import make_optimizer, make_scheduler
 from dvpt_core.peft import build_model, count_parameters
 from dvpt_core.peft.adapter import WEIGHTS_FILE, save_adapter
-from dvpt_core.runtime import resolve_device, seed_everything
-from dvpt_core.signals import Terminated, terminate_as_exception
+from dvpt_core.runtime import DROPOUT_STREAM, derived_seed, seed_everything
+from dvpt_core.signals import Terminated, terminate_as_exception, termination_ignored
 from dvpt_core.secrets import mask_uri
 from dvpt_core.steps.sync import HISTORY_FILE, log_epoch, log_run_inputs, read_sync_state, sync, write_sync_state
 from dvpt_core.tasks import Prediction, Task, get_task
@@ -62,25 +68,62 @@ TRACKING_ERRORS = (mlflow.MlflowException, OSError)
 def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path | None = None,
           validation_dir: Path | None = None) -> dict:
     """Returns the run summary also written to ``run.json``. ``data_root`` gives the lineage its
-    DVC hash; ``validation_dir`` (the validate step's folder) is logged to the run."""
-    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    DVC hash; ``validation_dir`` (the validate step's folder) is logged to the run.
+
+    Under ``torchrun`` every process calls this and trains its share of each global batch
+    (``dvpt_core.distributed``); rank 0 alone validates, talks to MLflow and writes into
+    ``out_dir`` (its checkpoint is what every process resumes from) while the others wait for it,
+    and every process returns rank 0's summary."""
+    with process_group(cfg.train) as ranks:
+        return _train(cfg, ranks, Path(cache_dir), Path(out_dir), data_root, validation_dir)
+
+
+def _train(cfg: ExperimentConfig, ranks: Ranks, cache_dir: Path, out_dir: Path, data_root: Path | None,
+           validation_dir: Path | None) -> dict:
     task = _cache_task(cfg, cache_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = connect(cfg)
+    tracking_uri = ""
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tracking_uri = connect(cfg)
     generator = seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(ranks.device)
     info = model.info
-    loaders = {
-        split: make_loader(cache_dir / split, info.mean, info.std, split == "train", cfg, generator=generator)
-        for split in ("train", "valid")
-    }
-    steps_per_epoch = _steps_per_epoch(len(loaders["train"]), cfg.train.max_steps_per_epoch)
+    batches = make_loader(cache_dir / "train", info.mean, info.std, True, cfg, generator=generator,
+                          world_size=ranks.world_size, rank=ranks.rank)
+    steps_per_epoch = _steps_per_epoch(len(batches), cfg.train.max_steps_per_epoch)
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.weight_decay_on)
     scheduler = make_scheduler(optimizer, cfg.train.lr, cfg.train.epochs, cfg.train.warmup_epochs, steps_per_epoch)
     key = config_key(cfg, info.fingerprint)
-    state = load_checkpoint(out_dir / CHECKPOINT_FILE, key, model, optimizer, scheduler, generator)
-    state = state or TrainingState(key=key)
+    payload = ranks.from_main(read_checkpoint(out_dir / CHECKPOINT_FILE, key) if ranks.is_main else None)
+    state = restore_checkpoint(payload, model, optimizer, scheduler, generator) or TrainingState(key=key)
+    run = _Training(
+        task=task, model=model, trained=data_parallel(model, ranks), batches=batches,
+        gather=GlobalBatch(len(batches.dataset), cfg.train.batch_size) if ranks.distributed else None,
+        optimizer=optimizer, scheduler=scheduler, generator=generator, steps_per_epoch=steps_per_epoch,
+        cfg=cfg, ranks=ranks, out_dir=out_dir,
+    )
+    live = None
+    if ranks.is_main:
+        run.validation = Prediction(model, make_loader(cache_dir / "valid", info.mean, info.std, False, cfg),
+                                    ranks.device, cfg.train.amp, cfg.data.class_names, cache_dir, "valid")
+        live = _start_run(cfg, out_dir, state, info, cache_dir, data_root, validation_dir)
+    with terminate_as_exception():
+        try:
+            _fit(run, state, live)
+        except (KeyboardInterrupt, Terminated) as stop:
+            if live is not None:
+                _close_interrupted(out_dir, state, live, stop)
+            raise
+        except Exception as err:
+            if live is not None:
+                _close_failed(out_dir, state, live, err)
+            raise
+    return ranks.from_main(_finish(run, state, live, tracking_uri) if live is not None else None)
+
+
+def _start_run(cfg: ExperimentConfig, out_dir: Path, state: TrainingState, info: BackboneInfo, cache_dir: Path,
+               data_root: Path | None, validation_dir: Path | None) -> _LiveLog:
+    """Rank 0: the MLflow run opened (or re-opened) with its lineage and inputs."""
     _close_stale_run(out_dir, keep=state.run_id)
     lineage = _lineage(cfg, info, data_root)
     warning = weights_warning(info, cfg.model.init_seed, cfg.model.weights_file)
@@ -89,27 +132,26 @@ def train(cfg: ExperimentConfig, cache_dir: Path, out_dir: Path, data_root: Path
         "data_root": str(Path(data_root).resolve()) if data_root else None,
         "validation_dir": str(Path(validation_dir).resolve()) if validation_dir else None,
     })
-    live = _LiveLog(out_dir, sync_state)
+    live = _LiveLog(out_dir, sync_state, lineage, warning)
     live.call(log_run_inputs, cfg, out_dir, sync_state)
-    with terminate_as_exception():
-        try:
-            validation = Prediction(model, loaders["valid"], device, cfg.train.amp, cfg.data.class_names, cache_dir,
-                                    "valid")
-            _fit(task, validation, loaders["train"], optimizer, scheduler, generator, steps_per_epoch, cfg, state,
-                 out_dir, live)
-        except (KeyboardInterrupt, Terminated) as stop:
-            _close_interrupted(out_dir, state, live, stop)
-            raise
+    return live
+
+
+def _finish(run: _Training, state: TrainingState, live: _LiveLog, tracking_uri: str) -> dict:
+    """Rank 0: the best epoch's adapter, the history and ``run.json`` written, then MLflow synced."""
+    cfg, out_dir, model = run.cfg, run.out_dir, run.model
     model.load_state_dict(state.best_state, strict=False)
     adapter_dir = save_adapter(model.cpu(), cfg, out_dir / "adapter")
     _write_history(out_dir / HISTORY_FILE, state.history)
     counts = count_parameters(model)
     summary = {
-        "run_id": state.run_id, "run_name": sync_state["run_name"], "experiment_id": sync_state["experiment_id"],
-        "tracking_uri": mask_uri(tracking_uri), "model_id": None, "model_uri": None, "synced": False,
-        "task": task.name, "selection_metric": task.selection_metric, "best_epoch": state.best_epoch,
-        f"best_val_{task.selection_metric}": state.best_score, **counts,
-        "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size, **lineage, "weights_warning": warning,
+        "run_id": state.run_id, "run_name": live.sync_state["run_name"],
+        "experiment_id": live.sync_state["experiment_id"], "tracking_uri": mask_uri(tracking_uri),
+        "model_id": None, "model_uri": None, "synced": False, "task": run.task.name,
+        "selection_metric": run.task.selection_metric, "best_epoch": state.best_epoch,
+        f"best_val_{run.task.selection_metric}": state.best_score, **counts,
+        "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size, **live.lineage,
+        "weights_warning": live.warning,
     }
     write_run_file(out_dir, summary)
     summary = sync(cfg, out_dir)
@@ -189,20 +231,39 @@ def _close_stale_run(out_dir: Path, keep: str) -> None:
 
 
 def _close_interrupted(out_dir: Path, state: TrainingState, live: _LiveLog, stop: BaseException) -> None:
-    """On SIGTERM or Ctrl-C: the run is marked KILLED (when the server answers) and the last
-    checkpoint stays for the next attempt to resume."""
-    live.call(mlflow.MlflowClient().set_terminated, state.run_id, "KILLED")
-    (out_dir / ACTIVE_FILE).unlink(missing_ok=True)
+    """On SIGTERM or Ctrl-C (torchrun sends SIGTERM when another process died): the run is
+    marked KILLED and the last checkpoint stays for the next attempt."""
+    _close_unfinished(out_dir, state, live, "KILLED")
     log.warning("training interrupted (%s) after %d epochs; run the same command again to resume from %s",
                 stop or "Ctrl-C", state.epoch, out_dir / CHECKPOINT_FILE)
+
+
+def _close_failed(out_dir: Path, state: TrainingState, live: _LiveLog, err: Exception) -> None:
+    """On an error (a collective whose peer died or timed out, an exhausted GPU...): the run is
+    marked FAILED rather than left RUNNING, and the last checkpoint stays for the next attempt."""
+    _close_unfinished(out_dir, state, live, "FAILED")
+    log.error("training failed after %d epochs (%s); run the same command again to resume from %s",
+              state.epoch, str(err).splitlines()[0][:200] if str(err) else type(err).__name__,
+              out_dir / CHECKPOINT_FILE)
+
+
+def _close_unfinished(out_dir: Path, state: TrainingState, live: _LiveLog, status: str) -> None:
+    """The run marked ``status`` (when the server answers) and no longer owned by this process;
+    a SIGTERM meanwhile (torchrun stopping this process after another failed) is ignored: the
+    process is on its way out already."""
+    with termination_ignored():
+        live.call(mlflow.MlflowClient().set_terminated, state.run_id, status)
+        (out_dir / ACTIVE_FILE).unlink(missing_ok=True)
 
 
 class _LiveLog:
     """MLflow calls made while training: the first failure (a lost server) turns them off, and
     what they would have sent stays recorded in ``sync.json`` for the final sync."""
 
-    def __init__(self, out_dir: Path, sync_state: dict[str, Any]) -> None:
+    def __init__(self, out_dir: Path, sync_state: dict[str, Any], lineage: dict[str, str],
+                 warning: str | None) -> None:
         self.out_dir, self.sync_state, self.online = out_dir, sync_state, True
+        self.lineage, self.warning = lineage, warning
 
     def call(self, func: Any, *args: Any) -> None:
         if not self.online:
@@ -218,29 +279,62 @@ class _LiveLog:
         self.call(log_epoch, self.out_dir, self.sync_state, row)
 
 
-def _fit(task: Task, validation: Prediction, batches: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-         generator: torch.Generator, steps_per_epoch: int, cfg: ExperimentConfig, state: TrainingState,
-         out_dir: Path, live: _LiveLog) -> None:
-    """The remaining epochs; after each, the best state (by the task's validation score, the
-    earliest on ties) and the history are updated and checkpointed before MLflow hears of it."""
-    model, loss_fn, selection = validation.model, task.loss(), f"val_{task.selection_metric}"
+@dataclass
+class _Training:
+    """What every epoch uses. ``model`` is the adapted model, ``trained`` what the optimiser
+    steps through (``model`` itself, or its DistributedDataParallel wrapper under torchrun);
+    ``validation``: rank 0's validation split (the other processes have none)."""
+
+    task: Task
+    model: AdaptedModel
+    trained: torch.nn.Module
+    batches: DataLoader
+    gather: GlobalBatch | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    steps_per_epoch: int
+    cfg: ExperimentConfig
+    ranks: Ranks
+    out_dir: Path
+    validation: Prediction | None = None
+
+
+def _fit(run: _Training, state: TrainingState, live: _LiveLog | None) -> None:
+    """The remaining epochs. Each is ordered, augmented and (for dropout) seeded by the seed and
+    its number alone, so a resumed run and any number of processes see the same epoch. After each,
+    rank 0 validates, updates the best state (by the task's validation score, the earliest on
+    ties) and the history, and checkpoints them before MLflow hears of it; the others wait."""
+    cfg, loss_fn = run.cfg, run.task.loss()
     for epoch in range(state.epoch, cfg.train.epochs):
-        done_steps = epoch * steps_per_epoch
+        set_epoch(run.batches, epoch)
+        torch.manual_seed(derived_seed(cfg.train.seed, DROPOUT_STREAM, epoch, run.ranks.rank))
+        done_steps = epoch * run.steps_per_epoch
         train_loss = train_one_epoch(
-            model, batches, optimizer, lambda step, done=done_steps: scheduler.step_update(done + step),
-            validation.device, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
+            run.trained, run.batches, run.optimizer, lambda step, done=done_steps: run.scheduler.step_update(done + step),
+            run.ranks.device, amp=cfg.train.amp, grad_clip=cfg.train.grad_clip,
             max_steps=cfg.train.max_steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", loss_fn=loss_fn,
+            gather=run.gather,
         )
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-               **task.validate(validation)}
-        state.history.append(row)
         state.epoch = epoch + 1
-        if row[selection] > state.best_score:
-            state.best_score, state.best_epoch = row[selection], epoch + 1
-            state.best_state = {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()}
-        save_checkpoint(out_dir / CHECKPOINT_FILE, state, model, optimizer, scheduler, generator)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-        live.epoch(row)
+        if live is not None and run.validation is not None:
+            _end_epoch(run, run.validation, state, live, train_loss)
+        run.ranks.barrier()
+
+
+def _end_epoch(run: _Training, validation: Prediction, state: TrainingState, live: _LiveLog,
+               train_loss: float) -> None:
+    """Rank 0 after an epoch: validation, the best state, the checkpoint, then MLflow."""
+    selection = f"val_{run.task.selection_metric}"
+    row = {"epoch": state.epoch, "train_loss": train_loss, "lr": run.optimizer.param_groups[0]["lr"],
+           **run.task.validate(validation)}
+    state.history.append(row)
+    if row[selection] > state.best_score:
+        state.best_score, state.best_epoch = row[selection], state.epoch
+        state.best_state = {k: v.detach().cpu().clone() for k, v in run.model.trainable_state_dict().items()}
+    save_checkpoint(run.out_dir / CHECKPOINT_FILE, state, run.model, run.optimizer, run.scheduler, run.generator)
+    log.info("epoch %d: %s", state.epoch, ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+    live.epoch(row)
 
 
 def _steps_per_epoch(batches: int, max_steps: int | None) -> int:
