@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dvpt_core.config import ExperimentConfig, TrainConfig
-from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, MASKS_FILE
+from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, MASKS_FILE, SPLITS_FILE
+from dvpt_core.data.splits import labelled_rows
 from dvpt_core.data.transforms import apply, build_transform
 
 
@@ -98,7 +99,9 @@ def make_loader(
     """A DataLoader over one preprocessed split: shuffled and augmented when ``train``.
 
     ``image_size``: the input size the model takes; a cache preprocessed at another size is
-    refused here, naming both, rather than deep inside the model's forward pass.
+    refused here, naming both, rather than deep inside the model's forward pass. Over the training
+    split (a folder named ``train``) only ``data.label_ratio``'s labelled subset is read
+    (``dvpt_core.data.splits.labelled_rows``: the cache holds the whole split).
 
     The order (and the workers' random seeds) come from ``generator``, or from one seeded with
     ``cfg.train.seed``, so a run is repeatable. With ``num_workers=0`` augmentation draws from
@@ -109,9 +112,12 @@ def make_loader(
     if image_size is not None and cached != image_size:
         raise ValueError(f"{Path(split_dir) / IMAGES_FILE} holds {cached}x{cached} images but the model takes "
                          f"{image_size}x{image_size}: preprocess again with model.image_size={image_size}")
+    samples: Dataset = dataset
+    if Path(split_dir).name == "train" and cfg.data.label_ratio < 1:
+        samples = Subset(dataset, labelled_rows(Path(split_dir).parent / SPLITS_FILE, cfg.data))
     workers = cfg.train.num_workers
     return DataLoader(
-        dataset,
+        samples,
         batch_size=cfg.train.batch_size,
         shuffle=train,
         num_workers=workers,
