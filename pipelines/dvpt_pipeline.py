@@ -93,14 +93,16 @@ def build_pipeline(image: str | None = None, settings: KubeflowConfig | None = N
     description = __doc__.splitlines()[0]
 
     def body(data: PipelineChannel, config_json: str, run: dict[str, Any]) -> Outputs:
-        configured = step.configure(config_json=config_json, **run)
-        run_json = configured.output
-        pretrained = step.pretrain(config_json=config_json)
-        backbone = pretrained.outputs["backbone"]
+        # The data's tasks read config_json itself: no run parameter changes what they do, so a
+        # run that only changes those still finds them in KFP's cache.
         validated = step.validate(config_json=config_json, data=data)
         validation = validated.outputs["validation"]
         cached = step.preprocess(config_json=config_json, data=data, validation=validation)
         cache = cached.outputs["cache"]
+        pretrained = step.pretrain(config_json=config_json)
+        backbone = pretrained.outputs["backbone"]
+        configured = step.configure(config_json=config_json, **run)
+        run_json = configured.output
         trained = train_task(step, settings, json.dumps(job), run_json, data, cache, backbone, validation)
         model = trained.outputs["model"]
         evaluated = step.evaluate(config_json=run_json, cache=cache, backbone=backbone, model=model)
