@@ -243,7 +243,8 @@ def _run_cells(base: ExperimentConfig, grid: list[dict], cache: Path, root: Path
     dirs = [root / f"{c['method']}-seed{c['seed']}-ratio{c['label_ratio']:g}" for c in grid]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(run_cell, base.to_json(), cell, str(cache), str(cell_dir)): cell for cell, cell_dir in zip(grid, dirs)}
+        futures = {pool.submit(run_cell, base.to_json(), cell, str(cache), str(cell_dir)): cell
+                   for cell, cell_dir in zip(grid, dirs)}
         for done, future in enumerate(as_completed(futures), start=1):
             cell, (kappa, seconds) = futures[future], future.result()
             log.info("[%d/%d] %s seed %d ratio %g: test kappa %.3f (%.0f s)", done, len(grid), cell["method"],

@@ -61,7 +61,8 @@ def torchrun_command(settings: KubeflowConfig) -> list[str]:
         "torchrun", f"--nnodes={settings.nodes}", f"--nproc-per-node={settings.processes_per_node}",
         "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
         "-m", "dvpt_core.cli", "train", "--params", str(shared / CONFIG_FILE), "--cache", str(shared / CACHE_DIR),
-        "--validation", str(shared / VALIDATION_DIR), "--data", str(shared / DATA_DIR), "--out", str(shared / TRAIN_DIR),
+        "--validation", str(shared / VALIDATION_DIR), "--data", str(shared / DATA_DIR),
+        "--out", str(shared / TRAIN_DIR),
     ]
 
 
@@ -129,11 +130,11 @@ def stage_inputs(cfg: ExperimentConfig, data_root: Path, cache: Path, backbone: 
 
 
 def run_train_job(job: dict[str, Any], claim: str, cfg: ExperimentConfig, data_root: Path, cache: Path,
-                  backbone: Path, validation: Path, out_dir: Path) -> dict[str, Any]:
-    """Steps 1-4 of the module docstring; returns the train step's ``run.json``."""
+                  backbone: Path, validation: Path, out_dir: Path, shared: Path = Path(SHARED_MOUNT)) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring (``shared``: where the launcher mounts the volume);
+    returns the train step's ``run.json``."""
     from kubeflow.training import TrainingClient
 
-    shared = Path(SHARED_MOUNT)
     stage_inputs(cfg, data_root, cache, backbone, validation, shared)
     owner = {key: os.environ[key] for key in POD_ENV}
     name = f"dvpt-train-{uuid.uuid4().hex[:10]}"
