@@ -17,15 +17,13 @@ module does not import). KFP's executor already sends logging to the pod log at 
 steps' own logs need no set-up here.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
-def configure(config_json: str, method: Optional[str] = None, epochs: Optional[int] = None,
-              learning_rate: Optional[float] = None, label_ratio: Optional[float] = None,
-              seed: Optional[int] = None) -> str:
-    """The run's configuration: ``config_json`` with the typed run parameters given applied
+def configure(config_json: str, method: str, epochs: int, learning_rate: float, label_ratio: float, seed: int) -> str:
+    """The run's configuration: ``config_json`` with the typed run parameters applied
     (``dvpt_core.config.RUN_PARAMETERS``), validated, as the JSON the step components take."""
     from dvpt_core.config import ExperimentConfig, with_run_parameters
 

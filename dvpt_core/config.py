@@ -525,11 +525,11 @@ def with_settings(cfg: ExperimentConfig, settings: dict[str, Any]) -> Experiment
 
 
 def with_run_parameters(cfg: ExperimentConfig, **values: Any) -> ExperimentConfig:
-    """``cfg`` with the given :data:`RUN_PARAMETERS` (by parameter name; None leaves a setting as it is)."""
+    """``cfg`` with the given :data:`RUN_PARAMETERS` (by parameter name) set."""
     unknown = sorted(set(values) - set(RUN_PARAMETERS))
     if unknown:
         raise ConfigError(f"unknown run parameter(s) {unknown}; known: {sorted(RUN_PARAMETERS)}")
-    return with_settings(cfg, {RUN_PARAMETERS[name]: value for name, value in values.items() if value is not None})
+    return with_settings(cfg, {RUN_PARAMETERS[name]: value for name, value in values.items()})
 
 
 def explicit_keys(section: BaseModel, prefix: str = "") -> set[str]:

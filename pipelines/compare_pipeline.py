@@ -6,7 +6,7 @@ with ``dsl.Collected`` to one report.
 One preprocessed cache serves the whole grid: it holds the whole training split, and each cell's
 train step takes its labelled subset (``data.label_ratio``, drawn with the cell's seed as
 ``data.label_seed``) from the cache's ``splits.csv``. Each cell first gets its own configuration
-(the ``cell_config`` component applies the cell to the run's configuration). The ``compare`` task
+(the ``cell_config`` component applies the run's parameters, then the cell, to ``config_json``). The ``compare`` task
 reads every cell's MLflow run and writes the HTML report (table and plot), logged to MLflow as a
 parent run ``comparison`` over the cell runs; it consumes the train models through
 ``dsl.Collected``, which makes it wait for the whole loop, evaluation included.
@@ -56,7 +56,6 @@ def build_compare_pipeline(image: str | None = None, settings: KubeflowConfig | 
     description = __doc__.splitlines()[0]
 
     def body(data: PipelineChannel, config_json: str, grid: list, epochs: int, learning_rate: float) -> Outputs:
-        configured = step.configure(config_json=config_json, epochs=epochs, learning_rate=learning_rate)
         pretrained = step.pretrain(config_json=config_json)
         backbone = pretrained.outputs["backbone"]
         validated = step.validate(config_json=config_json, data=data)
@@ -64,14 +63,14 @@ def build_compare_pipeline(image: str | None = None, settings: KubeflowConfig | 
         cached = step.preprocess(config_json=config_json, data=data, validation=validation)
         cache = cached.outputs["cache"]
         with dsl.ParallelFor(grid, parallelism=settings.parallelism) as cell:
-            celled = own.cell_config(config_json=configured.output, cell=cell)
+            celled = own.cell_config(config_json=config_json, cell=cell, epochs=epochs, learning_rate=learning_rate)
             cell_json = celled.output
             trained = step.train(config_json=cell_json, data=data, cache=cache, backbone=backbone,
                                  validation=validation)
             evaluated = step.evaluate(config_json=cell_json, cache=cache, backbone=backbone,
                                       model=trained.outputs["model"])
-        compared = own.compare(config_json=configured.output, models=dsl.Collected(trained.outputs["model"]))
-        set_caching(configured, pretrained, validated, cached, celled, trained, evaluated, compared)
+        compared = own.compare(config_json=config_json, models=dsl.Collected(trained.outputs["model"]))
+        set_caching(pretrained, validated, cached, celled, trained, evaluated, compared)
         cluster.request_compute(trained, settings)
         cluster.use_tracking(trained, evaluated, compared)
         cluster.retry(settings, evaluated, compared)

@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import yaml
 
-from dvpt_core.config import ConfigError, KubeflowConfig
+from components.compare import cell_config as cell_component
+from dvpt_core.config import ConfigError, ExperimentConfig, KubeflowConfig
 from dvpt_core.data.synthetic.ddr import generate_ddr
 from dvpt_core.steps.compare import (
     cell_config, cell_table, expand_grid, rank, report_html, scores, summarise, table,
@@ -47,6 +48,11 @@ def test_expand_grid_and_cell_config_set_method_seed_ratio_and_method_overrides(
     assert linear.train.lr == tiny_config().train.lr  # another method's override does not leak
     with pytest.raises(ConfigError, match="model.method"):
         cell_config(tiny_config(), {"method": "nope", "seed": 0, "label_ratio": 1.0})
+    # The pipeline's component: the run's epochs and learning rate, then the cell (whose own
+    # overrides win).
+    run = ExperimentConfig.from_json(cell_component(tiny_config().to_json(), full, epochs=7, learning_rate=0.5))
+    assert (run.train.epochs, run.train.lr, run.model.method) == (7, 0.0003, "full")
+    assert ExperimentConfig.from_json(cell_component(tiny_config().to_json(), grid[0], 7, 0.5)).train.lr == 0.5
 
 
 def test_summary_is_mean_and_sample_std_per_method_and_ratio_and_ranks_by_mean_kappa() -> None:
@@ -94,9 +100,8 @@ def test_compiled_pipeline_preprocesses_once_fans_out_boundedly_over_the_grid_an
     data = {"resolve-data": set(), "fetch-data": {"resolve-data"}, "validate": {"fetch-data"},
             "preprocess": {"fetch-data", "validate"}}
     assert {name: set(t.get("dependentTasks", [])) for name, t in root["dag"]["tasks"].items()} == {
-        **data, "configure": set(), "pretrain": set(),
-        "for-loop-1": {"configure", "fetch-data", "preprocess", "pretrain", "validate"},
-        "compare": {"configure", "for-loop-1"}}
+        **data, "pretrain": set(), "for-loop-1": {"fetch-data", "preprocess", "pretrain", "validate"},
+        "compare": {"for-loop-1"}}
     loop_task = root["dag"]["tasks"]["for-loop-1"]
     assert loop_task["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--grid"
     assert loop_task["iteratorPolicy"] == {"parallelismLimit": 3}
@@ -117,7 +122,7 @@ def test_compiled_pipeline_preprocesses_once_fans_out_boundedly_over_the_grid_an
         "pipelinechannel--preprocess-cache")
     every_task = [*root["dag"]["tasks"].values(), *loop.values()]
     assert sorted(t["componentRef"]["name"] for t in every_task if t.get("cachingOptions", {}).get("enableCache")) == [
-        "comp-cell-config", "comp-configure", "comp-fetch-data", "comp-preprocess", "comp-pretrain", "comp-validate"]
+        "comp-cell-config", "comp-fetch-data", "comp-preprocess", "comp-pretrain", "comp-validate"]
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {"reg/dvpt:2"}
     assert spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"][
         "resourceCount"] == "1"

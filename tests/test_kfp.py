@@ -21,7 +21,7 @@ from dvpt_core.config import RUN_PARAMETERS, ConfigError, ExperimentConfig, Kube
 from dvpt_core.data.dataset import make_loader
 from dvpt_core.data.synthetic.ddr import generate_ddr
 from dvpt_core.peft.adapter import load_adapter
-from pipelines.dvpt_pipeline import compile_pipeline, run_local, submit
+from pipelines.dvpt_pipeline import compile_pipeline, run_arguments, run_local, submit
 from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +130,9 @@ def test_typed_run_parameters_default_to_the_compiled_configuration_with_the_sch
     assert (run.model.method, run.train.epochs, run.train.lr, run.data.label_ratio, run.train.seed) == (
         "full", 3, 0.01, 0.25, 9)
     assert run.model_copy(update={"model": cfg.model, "train": cfg.train, "data": cfg.data}) == cfg
-    assert ExperimentConfig.from_json(configure(cfg.to_json())) == cfg
+    assert ExperimentConfig.from_json(configure(cfg.to_json(), **run_arguments(cfg))) == cfg
     with pytest.raises(ConfigError, match="data.label_ratio"):
-        configure(cfg.to_json(), label_ratio=1.5)
+        configure(cfg.to_json(), **{**run_arguments(cfg), "label_ratio": 1.5})
 
 
 def test_pods_take_the_tracking_uri_and_credentials_from_the_cluster_not_the_parameters(tmp_path) -> None:
