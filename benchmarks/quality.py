@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     given = parse_method_overrides(args.method_set, scale.methods)
     method_overrides = {m: METHOD_OVERRIDES.get(m, []) + given.get(m, []) for m in scale.methods}
     grid = expand_grid(scale.methods, scale.seeds, scale.ratios, method_overrides)
-    caches = _preprocess(base, grid, data, out / "caches", scale.min_steps)
-    train_dirs = _run_cells(base, grid, caches, out / "cells", args.workers)
+    cache = _preprocess(base, grid, data, out / "caches", scale.min_steps)
+    train_dirs = _run_cells(base, grid, cache, out / "cells", args.workers)
     origin = "given weights" if args.backbone or args.weights_file else "pre-trained on the synthetic source task"
     title = f"{base.model.backbone} ({origin}) adapted to {args.data or 'the synthetic DR-grading target'}"
     result = compare(base, train_dirs, out / "report", title=title)
@@ -217,37 +217,34 @@ def _target_data(root: Path, scale: Scale) -> Path:
     return root
 
 
-def _preprocess(base: ExperimentConfig, grid: list[dict], data: Path, root: Path, min_steps: int) -> dict[tuple, Path]:
-    """One cache per (seed, label ratio), shared by the methods; each cell's epochs are raised
-    (in its overrides) until it takes ``min_steps`` optimiser steps on its labelled subset. The
-    data are validated once, as the comparison pipeline does."""
+def _preprocess(base: ExperimentConfig, grid: list[dict], data: Path, root: Path, min_steps: int) -> Path:
+    """One cache for the whole grid (each cell's labelled subset is taken when it trains); each
+    cell's epochs are raised (in its overrides) until it takes ``min_steps`` optimiser steps on its
+    labelled subset. The data are validated once, as the comparison pipeline does."""
+    from dvpt_core.data.cache_layout import SPLITS_FILE
+    from dvpt_core.data.splits import labelled_rows
     from dvpt_core.steps.preprocess import preprocess
     from dvpt_core.steps.validate import validate
 
-    validation = root / "validation"
+    validation, cache = root / "validation", root / "cache"
     validate(base, data, validation)
-    caches: dict[tuple, Path] = {}
-    labelled: dict[tuple, int] = {}
+    preprocess(base, data, cache, validation)
     for cell in grid:
-        key = (cell["seed"], cell["label_ratio"])
-        if key not in caches:
-            caches[key] = root / f"seed{key[0]}-ratio{key[1]:g}"
-            labelled[key] = preprocess(cell_config(base, cell), data, caches[key], validation)["counts"]["train"]["total"]
-            log.info("seed %d, ratio %g: %d labelled training images", *key, labelled[key])
-        steps_per_epoch = math.ceil(labelled[key] / base.train.batch_size)
+        labelled = len(labelled_rows(cache / SPLITS_FILE, cell_config(base, cell).data))
+        log.info("seed %d, ratio %g: %d labelled training images", cell["seed"], cell["label_ratio"], labelled)
+        steps_per_epoch = math.ceil(labelled / base.train.batch_size)
         cell["overrides"].append(f"train.epochs={max(base.train.epochs, math.ceil(min_steps / steps_per_epoch))}")
-    return caches
+    return cache
 
 
-def _run_cells(base: ExperimentConfig, grid: list[dict], caches: dict[tuple, Path], root: Path,
-               workers: int) -> list[Path]:
+def _run_cells(base: ExperimentConfig, grid: list[dict], cache: Path, root: Path, workers: int) -> list[Path]:
     """Every cell's train and evaluate steps, ``workers`` at a time; the train step folders in grid order."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     dirs = [root / f"{c['method']}-seed{c['seed']}-ratio{c['label_ratio']:g}" for c in grid]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(run_cell, base.to_json(), cell, str(caches[cell["seed"], cell["label_ratio"]]),
-                               str(cell_dir)): cell for cell, cell_dir in zip(grid, dirs)}
+        futures = {pool.submit(run_cell, base.to_json(), cell, str(cache), str(cell_dir)): cell
+                   for cell, cell_dir in zip(grid, dirs)}
         for done, future in enumerate(as_completed(futures), start=1):
             cell, (kappa, seconds) = futures[future], future.result()
             log.info("[%d/%d] %s seed %d ratio %g: test kappa %.3f (%.0f s)", done, len(grid), cell["method"],

@@ -19,7 +19,7 @@ from components import compare, steps
 
 IMAGE_ENV = "DVPT_IMAGE"
 DEFAULT_IMAGE = "dvpt-mlops:0.1.0"
-HELPERS = (steps._log_scalars, steps._image_page, steps._weights_note)
+HELPERS = (steps._log_scalars, steps._image_page, steps._weights_note, steps._data_root, steps._describe_model)
 
 
 def default_image() -> str:
@@ -29,12 +29,18 @@ def default_image() -> str:
 
 @dataclass(frozen=True)
 class StepComponents:
-    """The components of the DVPT pipeline, in pipeline order (predict: batch inference)."""
+    """The components of the DVPT pipeline, in pipeline order (predict: batch inference):
+    the run's configuration, the dataset from the DVC remote, the steps, and the launcher that
+    trains in a Training Operator PyTorchJob instead of its own pod."""
 
+    configure: PythonComponent
+    resolve_data: PythonComponent
+    fetch_data: PythonComponent
     pretrain: PythonComponent
     validate: PythonComponent
     preprocess: PythonComponent
     train: PythonComponent
+    train_pytorchjob: PythonComponent
     evaluate: PythonComponent
     export: PythonComponent
     register: PythonComponent
@@ -58,10 +64,14 @@ def _component(func: Callable, image: str | None) -> PythonComponent:
 def build_components(image: str | None = None) -> StepComponents:
     """Every step as a component running in ``image`` (default: :func:`default_image`)."""
     return StepComponents(
+        configure=_component(steps.configure, image),
+        resolve_data=_component(steps.resolve_data, image),
+        fetch_data=_component(steps.fetch_data, image),
         pretrain=_component(steps.pretrain, image),
         validate=_component(steps.validate, image),
         preprocess=_component(steps.preprocess, image),
         train=_component(steps.train, image),
+        train_pytorchjob=_component(steps.train_pytorchjob, image),
         evaluate=_component(steps.evaluate, image),
         export=_component(steps.export, image),
         register=_component(steps.register, image),

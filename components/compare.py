@@ -14,13 +14,15 @@ from kfp.dsl import HTML, Artifact, Input, Metrics, Model, Output
 from components.steps import _log_scalars
 
 
-def cell_config(config_json: str, cell: dict) -> str:
-    """The experiment's configuration with one grid cell (method, seed, label ratio and the
-    method's own overrides) applied, as the JSON the step components take."""
-    from dvpt_core.config import ExperimentConfig
+def cell_config(config_json: str, cell: dict, epochs: int, learning_rate: float) -> str:
+    """The experiment's configuration with the run's ``epochs`` and ``learning_rate``, then one
+    grid cell (method, seed, label ratio and the method's own overrides, which win) applied, as
+    the JSON the step components take."""
+    from dvpt_core.config import ExperimentConfig, with_run_parameters
     from dvpt_core.steps.compare import cell_config as step
 
-    return step(ExperimentConfig.from_json(config_json), cell).to_json()
+    run = with_run_parameters(ExperimentConfig.from_json(config_json), epochs=epochs, learning_rate=learning_rate)
+    return step(run, cell).to_json()
 
 
 def compare(config_json: str, models: Input[List[Model]], comparison: Output[Artifact], report: Output[HTML],

@@ -1,4 +1,5 @@
-"""The bodies of the seven KFP components, one per ``dvpt_core.steps`` function.
+"""The bodies of the KFP components, one per ``dvpt_core.steps`` function, plus the run's
+configuration and the launcher of a Training Operator job.
 
 KFP serialises each function's source into the component, so every body imports what it needs
 inside itself and does no work of its own: it parses ``config_json`` (the one schema), calls the
@@ -6,13 +7,46 @@ step function with the artifacts' local paths, and copies the step's result into
 The helpers at the bottom travel with each component through ``additional_funcs``
 (see ``components.build_components``).
 
+The dataset is a ``Dataset`` artifact: a folder holding the dataset folder (its name in the
+artifact's ``root`` metadata) and, where DVC tracks it, its ``.dvc`` pointer beside it, as in a
+checkout. The fetch task makes one from the DVC remote; a local run imports a folder as one.
+
 No ``from __future__ import annotations`` here: KFP reads the artifact annotations at
 decoration time and needs them as real types (the helpers quote ``Path``, which the serialised
 module does not import). KFP's executor already sends logging to the pod log at INFO, so the
 steps' own logs need no set-up here.
 """
 
+from typing import NamedTuple
+
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def configure(config_json: str, method: str, epochs: int, learning_rate: float, label_ratio: float, seed: int) -> str:
+    """The run's configuration: ``config_json`` with the typed run parameters applied
+    (``dvpt_core.config.RUN_PARAMETERS``), validated, as the JSON the step components take."""
+    from dvpt_core.config import ExperimentConfig, with_run_parameters
+
+    return with_run_parameters(ExperimentConfig.from_json(config_json), method=method, epochs=epochs,
+                               learning_rate=learning_rate, label_ratio=label_ratio, seed=seed).to_json()
+
+
+def resolve_data(data_repo: str, data_path: str, data_revision: str) -> NamedTuple("Source", commit=str, md5=str):
+    """The commit ``data_revision`` names and the DVC hash of ``data_path`` there: what the
+    fetch task's cache is keyed on."""
+    from dvpt_core.steps.fetch import resolve_data as step
+
+    source = step(data_repo, data_path, data_revision)
+    return (source["commit"], source["md5"])
+
+
+def fetch_data(data_repo: str, data_path: str, data_revision: str, data_md5: str, data: Output[Dataset]):
+    """The dataset with hash ``data_md5`` from the repository's DVC remote (``dvpt_core.steps.fetch``)."""
+    from pathlib import Path
+
+    from dvpt_core.steps.fetch import fetch_data as step
+
+    data.metadata.update(step(data_repo, data_path, data_revision, data_md5, Path(data.path)))
 
 
 def pretrain(config_json: str, backbone: Output[Model], metrics: Output[Metrics]):
@@ -27,9 +61,9 @@ def pretrain(config_json: str, backbone: Output[Model], metrics: Output[Metrics]
     _log_scalars(metrics, summary)
 
 
-def validate(config_json: str, data_dir: str, validation: Output[Artifact], data_docs: Output[HTML],
+def validate(config_json: str, data: Input[Dataset], validation: Output[Artifact], data_docs: Output[HTML],
              metrics: Output[Metrics]):
-    """Great Expectations over ``data_dir``; fails the run (naming every bad file) on bad data.
+    """Great Expectations over the dataset; fails the run (naming every bad file) on bad data.
 
     ``validation`` keeps the manifest, ``validation.json`` and the whole Data Docs site;
     ``data_docs`` is the suite's result page, the one HTML file the KFP UI can show inline.
@@ -42,14 +76,14 @@ def validate(config_json: str, data_dir: str, validation: Output[Artifact], data
     from dvpt_core.steps.validate import validate as step
 
     cfg = ExperimentConfig.from_json(config_json)
-    summary = step(cfg, Path(data_dir), Path(validation.path))
+    summary = step(cfg, _data_root(data), Path(validation.path))
     (page,) = (Path(validation.path) / DOCS_DIR / "validations").rglob("*.html")
     shutil.copyfile(page, data_docs.path)
     validation.metadata["images"] = summary["images"]
     _log_scalars(metrics, {"images": summary["images"], "counts": summary["counts"]})
 
 
-def preprocess(config_json: str, data_dir: str, validation: Input[Artifact], cache: Output[Dataset],
+def preprocess(config_json: str, data: Input[Dataset], validation: Input[Artifact], cache: Output[Dataset],
                metrics: Output[Metrics]):
     """Resized splits as memory-mapped arrays: the input every later step reads. Only the samples
     the validate task's manifest (``validation``) lists, as they were validated, are read."""
@@ -58,16 +92,16 @@ def preprocess(config_json: str, data_dir: str, validation: Input[Artifact], cac
     from dvpt_core.config import ExperimentConfig
     from dvpt_core.steps.preprocess import preprocess as step
 
-    meta = step(ExperimentConfig.from_json(config_json), Path(data_dir), Path(cache.path), Path(validation.path))
+    meta = step(ExperimentConfig.from_json(config_json), _data_root(data), Path(cache.path), Path(validation.path))
     cache.metadata["inputs_sha256"] = meta["inputs_sha256"]
     _log_scalars(metrics, meta)
 
 
-def train(config_json: str, data_dir: str, cache: Input[Dataset], backbone: Input[Model],
+def train(config_json: str, data: Input[Dataset], cache: Input[Dataset], backbone: Input[Model],
           validation: Input[Artifact], model: Output[Model], metrics: Output[Metrics]):
     """The train step folder (``adapter/``, ``run.json``, ``history.csv``) as a Model artifact.
 
-    ``data_dir`` is passed so the MLflow run records the dataset's DVC hash where one exists, and
+    ``data`` is passed so the MLflow run records the dataset's DVC hash where one exists, and
     ``validation`` so it keeps the data gate's verdict and Data Docs.
     """
     from pathlib import Path
@@ -77,11 +111,26 @@ def train(config_json: str, data_dir: str, cache: Input[Dataset], backbone: Inpu
     from dvpt_core.steps.train import train as step
 
     cfg = use_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
-    summary = step(cfg, Path(cache.path), Path(model.path), data_root=Path(data_dir),
+    summary = step(cfg, Path(cache.path), Path(model.path), data_root=_data_root(data),
                    validation_dir=Path(validation.path))
-    model.metadata.update({key: summary[key] for key in ("run_id", "backbone", "method", "random_weights",
-                                                         "stand_in_weights")})
-    _log_scalars(metrics, summary)
+    _describe_model(model, metrics, summary)
+
+
+def train_pytorchjob(config_json: str, job_json: str, shared_claim: str, data: Input[Dataset], cache: Input[Dataset],
+                     backbone: Input[Model], validation: Input[Artifact], model: Output[Model],
+                     metrics: Output[Metrics]):
+    """The train step run by ``torchrun`` in a Training Operator PyTorchJob (``job_json``, the
+    manifest rendered at compile time) on the volume ``shared_claim``; the same outputs as ``train``."""
+    import json
+    from pathlib import Path
+
+    from dvpt_core.config import ExperimentConfig
+    from pipelines.pytorchjob import run_train_job
+
+    summary = run_train_job(json.loads(job_json), shared_claim, ExperimentConfig.from_json(config_json),
+                            _data_root(data), Path(cache.path), Path(backbone.path), Path(validation.path),
+                            Path(model.path))
+    _describe_model(model, metrics, summary)
 
 
 def evaluate(config_json: str, cache: Input[Dataset], backbone: Input[Model], model: Input[Model],
@@ -142,10 +191,11 @@ def promote(config_json: str, registration: Input[Artifact], decision: Output[Ar
     return result["decision"]
 
 
-def predict(config_json: str, data_dir: str, backbone: Input[Model], predictions: Output[Dataset],
-            metrics: Output[Metrics], model_uri: str = ""):
-    """Batch inference over ``data_dir`` (``predictions.csv``, ``summary.json``) with ``model_uri``,
-    by default the configured registered model's champion; unreadable files are reported, not fatal."""
+def predict(config_json: str, backbone: Input[Model], predictions: Output[Dataset], metrics: Output[Metrics],
+            model_uri: str = "", data_dir: str = "", data: Input[Dataset] = None):
+    """Batch inference over ``data`` (a dataset artifact) or else the folder ``data_dir``
+    (``predictions.csv``, ``summary.json``) with ``model_uri``, by default the configured
+    registered model's champion; unreadable files are reported, not fatal."""
     from pathlib import Path
 
     import mlflow
@@ -157,8 +207,23 @@ def predict(config_json: str, data_dir: str, backbone: Input[Model], predictions
     cfg = use_stand_in(ExperimentConfig.from_json(config_json), Path(backbone.path))
     mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
     uri = model_uri or f"models:/{cfg.tracking.registered_model}@{cfg.promotion.champion_alias}"
-    summary = step(uri, Path(data_dir), Path(predictions.path), weights_file=cfg.model.weights_file)
+    summary = step(uri, _data_root(data) if data else Path(data_dir), Path(predictions.path),
+                   weights_file=cfg.model.weights_file)
     predictions.metadata.update({k: summary[k] for k in ("model", "version", "images", "predicted", "failed")})
+    _log_scalars(metrics, summary)
+
+
+def _data_root(data: Dataset) -> "Path":
+    """The dataset folder inside a dataset artifact (see the module docstring)."""
+    from pathlib import Path
+
+    return Path(data.path) / data.metadata["root"]
+
+
+def _describe_model(model: Model, metrics: Metrics, summary: dict):
+    """A train step's summary (``run.json``) as the model artifact's metadata and KFP metrics."""
+    model.metadata.update({key: summary[key] for key in ("run_id", "backbone", "method", "random_weights",
+                                                         "stand_in_weights")})
     _log_scalars(metrics, summary)
 
 

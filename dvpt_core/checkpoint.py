@@ -34,12 +34,14 @@ FORMAT_VERSION = 1
 
 
 def config_key(cfg: ExperimentConfig, backbone_fingerprint: str) -> str:
-    """Everything that shapes the training trajectory: model, optimisation, classes, the frozen
+    """Everything that shapes the training trajectory: model, optimisation, classes, the labelled
+    subset (taken at training time from a cache that holds every training sample), the frozen
     weights (by fingerprint, not path). Tracking and export settings do not count."""
     payload = {
         "model": cfg.model.model_dump(mode="json", exclude={"weights_file"}),
         "train": cfg.train.model_dump(mode="json"),
         "class_names": cfg.data.class_names,
+        "labelled": cfg.data.model_dump(include={"label_ratio", "label_seed", "split_seed"}),
         "backbone_fingerprint": backbone_fingerprint,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

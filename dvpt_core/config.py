@@ -57,7 +57,10 @@ class DataConfig(_Strict):
     ship are carved by patient (or image) with ``split_seed``: ``test_fraction`` and
     ``val_fraction`` of the pool, or with ``folds`` > 1, fold ``fold`` as the held-out split.
     ``label_ratio`` keeps that share of the training split (nested: a smaller ratio's subset lies
-    inside a larger one's for the same seed), for the paper's data-efficiency study (Table 4).
+    inside a larger one's for the same seed), for the paper's data-efficiency study (Table 4),
+    drawn with ``label_seed`` (None: ``split_seed``). The subset is taken when training reads the
+    preprocessed cache, which always holds the whole training split, so one cache serves every
+    ratio and every labelled-subset seed.
     """
 
     format: DataFormat = "ddr"
@@ -74,6 +77,7 @@ class DataConfig(_Strict):
     folds: int = Field(default=1, ge=1)
     fold: int = Field(default=0, ge=0)
     label_ratio: float = Field(default=1.0, gt=0, le=1)
+    label_seed: int | None = None
     # Binary masks: a pixel at or above this value is foreground (JPEG masks are lossy, so never
     # exactly 0/255). Masks already holding 0/1 are taken as they are.
     mask_threshold: int = Field(default=128, ge=1, le=255)
@@ -456,6 +460,83 @@ class ExperimentConfig(_Strict):
         return _validate(json.loads(text), source="JSON configuration")
 
 
+# The settings a Kubeflow run overrides by name (its typed parameters), and the key each sets. Their
+# types and compiled defaults come from the fields above, never from the pipelines.
+RUN_PARAMETERS: dict[str, str] = {
+    "method": "model.method",
+    "epochs": "train.epochs",
+    "learning_rate": "train.lr",
+    "label_ratio": "data.label_ratio",
+    "seed": "train.seed",
+}
+
+# A Kubernetes resource quantity ("8", "500m", "16Gi") and a Go duration as Argo reads it ("30s", "10m").
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+DURATION_PATTERN = r"^[0-9]+(s|m|h)$"
+
+
+class KubeflowConfig(_Strict):
+    """How ``dvpt kfp compile`` wires the pipelines into a cluster: where the data comes from, what
+    the train step asks the cluster for, how transient steps retry, how wide the comparison fans
+    out, and whether training launches as a Training Operator PyTorchJob.
+
+    Settings of a deployment, not of an experiment: not part of :class:`ExperimentConfig` (so never
+    in a run's parameters or a checkpoint's key); each is a ``dvpt kfp compile`` flag of its name.
+    """
+
+    data_repo: str | None = Field(default=None, description=(
+        "git URL of the repository whose DVC remote holds the data: the pipeline parameter data_repo's "
+        "default (none: give it when submitting)"))
+    data_path: str = Field(default="data", description="the DVC-tracked dataset folder in that repository")
+    data_revision: str = Field(default="HEAD", description=(
+        "git revision (branch, tag or commit) the data is fetched at unless the run names another"))
+    gpus: int = Field(default=0, ge=0, description="accelerators the train step requests (per node of a PyTorchJob)")
+    accelerator_type: str = Field(default="nvidia.com/gpu", min_length=1, description=(
+        "the accelerator's extended resource name; its NoSchedule taint is tolerated"))
+    cpu: str | None = Field(default=None, pattern=QUANTITY_PATTERN, description="CPU request and limit of training")
+    memory: str | None = Field(default=None, pattern=QUANTITY_PATTERN,
+                               description="memory request and limit of training, e.g. 32Gi")
+    retries: int = Field(default=3, ge=0, description=(
+        "retries of the steps that fail transiently (the data fetch, the MLflow and registry steps)"))
+    backoff: str = Field(default="30s", pattern=DURATION_PATTERN, description="wait before the first retry")
+    backoff_factor: float = Field(default=2.0, ge=1, description="each further wait is this much longer")
+    backoff_max: str = Field(default="10m", pattern=DURATION_PATTERN, description="the longest wait between retries")
+    parallelism: int = Field(default=4, ge=1, description="comparison cells that run at once")
+    train_launcher: Literal["pod", "pytorchjob"] = Field(default="pod", description=(
+        "pod: train in the pipeline's own pod; pytorchjob: launch torchrun as a Training Operator PyTorchJob"))
+    nodes: int = Field(default=1, ge=1, description="PyTorchJob replicas: one Master and nodes - 1 Workers")
+    processes_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node (one per GPU)")
+    shared_storage: str = Field(default="20Gi", pattern=QUANTITY_PATTERN, description=(
+        "size of the ReadWriteMany volume that carries the inputs and the adapter between the pipeline and "
+        "the PyTorchJob"))
+    storage_class: str | None = Field(default=None, description=(
+        "its StorageClass (one that offers ReadWriteMany; none: the cluster's default)"))
+    job_timeout_s: int = Field(default=7 * 24 * 3600, gt=0, description="how long the PyTorchJob may run")
+
+    @model_validator(mode="after")
+    def _one_gpu_per_process(self) -> "KubeflowConfig":
+        if self.train_launcher == "pytorchjob" and self.gpus and self.processes_per_node > self.gpus:
+            raise ValueError(f"processes_per_node={self.processes_per_node} exceeds gpus={self.gpus}: torchrun "
+                             "gives each process one GPU of its node")
+        return self
+
+
+def with_settings(cfg: ExperimentConfig, settings: dict[str, Any]) -> ExperimentConfig:
+    """``cfg`` with each dotted key of ``settings`` set to its value, validated as a whole."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in settings.items():
+        _set(raw, key.split("."), value, key)
+    return _validate(raw, source=", ".join(f"{key}={value!r}" for key, value in settings.items()))
+
+
+def with_run_parameters(cfg: ExperimentConfig, **values: Any) -> ExperimentConfig:
+    """``cfg`` with the given :data:`RUN_PARAMETERS` (by parameter name) set."""
+    unknown = sorted(set(values) - set(RUN_PARAMETERS))
+    if unknown:
+        raise ConfigError(f"unknown run parameter(s) {unknown}; known: {sorted(RUN_PARAMETERS)}")
+    return with_settings(cfg, {RUN_PARAMETERS[name]: value for name, value in values.items()})
+
+
 def explicit_keys(section: BaseModel, prefix: str = "") -> set[str]:
     """Dotted keys of the settings given explicitly (by a preset, a params file, ``--set`` or a
     JSON configuration) rather than left at the schema's defaults.
@@ -506,13 +587,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         path, value = parse_override(item)
-        node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[path[-1]] = value
+        _set(raw, path, value, item)
     return raw
+
+
+def _set(raw: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    """``raw`` with the setting at ``path`` (sections created as needed); ``item`` names it in errors."""
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[path[-1]] = value
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -19,8 +19,6 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
-# Where MLflow's client takes credentials from when the tracking URI carries none.
-MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # Query parameters whose value is a secret (matched on the name, case-insensitively).
 SECRET_QUERY_NAME = re.compile(
     r"token|secret|passw(or)?d|pwd|signature|credential|api[-_]?key|^key$|^sig$|^auth", re.IGNORECASE
@@ -39,10 +37,6 @@ def strip_credentials(uri: str) -> str:
     """``uri`` without its user info and without secret query parameters: what may be shipped
     to a machine that takes the credentials from its environment instead."""
     return _rewrite(uri, keep_user=False, keep_secrets=None)
-
-
-def has_credentials(uri: str) -> bool:
-    return strip_credentials(uri) != uri
 
 
 def mask_text(text: str) -> str:

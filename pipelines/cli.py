@@ -1,29 +1,59 @@
-"""``dvpt kfp compile | run-local | submit | compile-compare | compare-local``: the Kubeflow side
-of the ``dvpt`` command.
+"""``dvpt kfp compile | run-local | submit | compile-compare | compare-local | compile-predict |
+predict-local``: the Kubeflow side of the ``dvpt`` command.
 
 Each subcommand takes the same configuration flags as the step subcommands (``--params``,
 ``--preset``, ``--set``), so one experiment definition drives DVC, local runs and Kubeflow. The
-comparison subcommands add the grid (``--methods``, ``--seeds``, ``--label-ratios`` and per-method
-``--method-set METHOD:KEY=VALUE``); a compiled comparison is submitted with ``submit --package``.
+compile subcommands add the cluster's settings (:class:`dvpt_core.config.KubeflowConfig`, one flag
+per field: ``--gpus``, ``--accelerator-type``, ``--cpu``, ``--memory``, ``--data-repo``,
+``--train-launcher pytorchjob``...); ``submit`` adds the run's typed parameters (``--method``,
+``--epochs``, ``--learning-rate``, ``--label-ratio``, ``--seed``, ``--data-revision``). The
+comparison subcommands add the grid (``--methods``, ``--seeds``, ``--label-ratios`` and
+per-method ``--method-set METHOD:KEY=VALUE``); a compiled comparison is submitted with
+``submit --package``.
 """
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from dvpt_core.cli import config_from_args
-from dvpt_core.config import ExperimentConfig
+from dvpt_core.config import RUN_PARAMETERS, ConfigError, ExperimentConfig, KubeflowConfig
+
+# The data parameters of a run: compiled defaults (KubeflowConfig) that a submission may override.
+DATA_PARAMETERS = ("data_repo", "data_path", "data_revision")
+
+
+def kubeflow_from_args(args: argparse.Namespace) -> KubeflowConfig:
+    """The cluster settings the flags give, the schema's defaults for the rest."""
+    given = {name: getattr(args, name) for name in KubeflowConfig.model_fields if getattr(args, name, None) is not None}
+    try:
+        return KubeflowConfig(**given)
+    except ValidationError as err:
+        problems = "; ".join(f"--{str(e['loc'][0]).replace('_', '-') if e['loc'] else ''}: {e['msg']}"
+                             for e in err.errors())
+        raise ConfigError(f"invalid cluster settings: {problems}") from None
+
+
+def run_arguments_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run parameters the flags set (typed ones and the data's), for a submission."""
+    names = [*RUN_PARAMETERS, *DATA_PARAMETERS]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def cmd_compile(args: argparse.Namespace) -> dict:
     from components import default_image
     from pipelines.dvpt_pipeline import compile_pipeline
 
-    image = args.image or default_image()
-    path = compile_pipeline(args.out, config_from_args(args), image, args.data_pvc, args.tracking_secret)
-    return {"package": str(path), "image": image, "data_pvc": args.data_pvc, "tracking_secret": args.tracking_secret}
+    image, settings = args.image or default_image(), kubeflow_from_args(args)
+    path = compile_pipeline(args.out, config_from_args(args), image, settings)
+    return {"package": str(path), "image": image, "settings": settings.model_dump()}
 
 
 def cmd_run_local(args: argparse.Namespace) -> dict:
@@ -35,15 +65,16 @@ def cmd_run_local(args: argparse.Namespace) -> dict:
 def cmd_submit(args: argparse.Namespace) -> dict:
     from pipelines.dvpt_pipeline import submit
 
-    if args.package and (args.params or args.overrides or args.preset or args.image or args.data_pvc
-                         or args.tracking_secret):
-        raise ValueError("--package carries the configuration, image, volume and secret it was compiled with: "
-                         "drop --params/--preset/--set/--image/--data-pvc/--tracking-secret, or drop --package "
-                         "to compile now")
-    return submit(args.package or config_from_args(args), host=args.host, data_dir=args.data,
-                  experiment=args.experiment, namespace=args.namespace, token=args.token,
-                  run_name=args.run_name, image=args.image, data_pvc=args.data_pvc,
-                  tracking_secret=args.tracking_secret)
+    compile_only = [f"--{name.replace('_', '-')}" for name in KubeflowConfig.model_fields
+                    if name not in DATA_PARAMETERS and getattr(args, name) is not None]
+    if args.package and (args.params or args.overrides or args.preset or args.image or compile_only):
+        raise ValueError("--package carries the configuration, image and cluster settings it was compiled with: "
+                         f"drop --params/--preset/--set/--image{'/' + '/'.join(compile_only) if compile_only else ''}"
+                         ", or drop --package to compile now")
+    pipeline = args.package or config_from_args(args)
+    return submit(pipeline, host=args.host, arguments=run_arguments_from_args(args), experiment=args.experiment,
+                  namespace=args.namespace, token=args.token, run_name=args.run_name, image=args.image,
+                  settings=None if args.package else kubeflow_from_args(args))
 
 
 def cmd_compile_predict(args: argparse.Namespace) -> dict:
@@ -78,12 +109,11 @@ def cmd_compile_compare(args: argparse.Namespace) -> dict:
     from components import default_image
     from pipelines.compare_pipeline import compile_compare
 
-    image = args.image or default_image()
+    image, settings = args.image or default_image(), kubeflow_from_args(args)
     cfg = config_from_args(args)
     grid = _grid(args, cfg)
-    path = compile_compare(args.out, cfg, grid, image, args.data_pvc, args.tracking_secret)
-    return {"package": str(path), "image": image, "data_pvc": args.data_pvc, "tracking_secret": args.tracking_secret,
-            "cells": len(grid)}
+    path = compile_compare(args.out, cfg, grid, image, settings)
+    return {"package": str(path), "image": image, "settings": settings.model_dump(), "cells": len(grid)}
 
 
 def cmd_compare_local(args: argparse.Namespace) -> dict:
@@ -103,28 +133,59 @@ def _grid_args(parser: argparse.ArgumentParser) -> None:
                         help="an override for one method's cells, e.g. full:train.lr=0.0003 (repeatable)")
 
 
+def _field_flag(parser: argparse.ArgumentParser, flag: str, annotation: Any, help_text: str, dest: str) -> None:
+    """A flag typed as the schema field ``annotation`` is (choices for a Literal), default None
+    (unset: the schema's or the package's default applies)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kind = annotation
+    if typing.get_origin(kind) is typing.Literal:
+        parser.add_argument(flag, dest=dest, choices=typing.get_args(kind), help=help_text)
+    else:
+        parser.add_argument(flag, dest=dest, type=kind, help=help_text)
+
+
+def _kubeflow_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`KubeflowConfig` field, its help from the field's description."""
+    group = parser.add_argument_group("cluster settings (compile time)")
+    for name, field in KubeflowConfig.model_fields.items():
+        _field_flag(group, f"--{name.replace('_', '-')}", field.annotation,
+                    f"{field.description} (default: {field.default})", name)
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per typed run parameter, typed as the setting it overrides."""
+    group = parser.add_argument_group("run parameters (default: the package's)")
+    for name, key in RUN_PARAMETERS.items():
+        _field_flag(group, f"--{name.replace('_', '-')}", _schema_field(key).annotation, f"sets {key}", name)
+
+
+def _schema_field(key: str) -> Any:
+    model: type[BaseModel] = ExperimentConfig
+    *sections, last = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[last]
+
+
 def add_kfp_commands(subparsers: argparse._SubParsersAction,
                      config_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Adds ``kfp`` with its subcommands; each handler returns a dict the CLI prints as JSON."""
     kfp = subparsers.add_parser("kfp", help="compile, run locally or submit the Kubeflow pipelines")
     sub = kfp.add_subparsers(dest="kfp_command", required=True)
     image_help = "container image of every component (default: $DVPT_IMAGE, else dvpt-mlops:0.1.0)"
-    pvc_help = "PersistentVolumeClaim holding the data, mounted at /mnt/data (--data then lies under it)"
-    secret_help = ("Kubernetes secret whose keys MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN become the MLflow "
-                   "tasks' environment (credentials are never compiled into the pipeline)")
 
-    def compile_command(name: str, help_text: str, out: str, func: Callable, grid: bool) -> None:
+    def compile_command(name: str, help_text: str, out: str, func: Callable, grid: bool) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text)
         config_args(parser)
         if grid:
             _grid_args(parser)
         parser.add_argument("--out", type=Path, default=Path(out), help=f"default: {out}")
         parser.add_argument("--image", help=image_help)
-        parser.add_argument("--data-pvc", help=pvc_help)
-        parser.add_argument("--tracking-secret", help=secret_help)
         parser.set_defaults(func=func)
+        return parser
 
-    def local_command(name: str, help_text: str, func: Callable, grid: bool) -> None:
+    def local_command(name: str, help_text: str, func: Callable, grid: bool) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text)
         config_args(parser)
         if grid:
@@ -133,18 +194,22 @@ def add_kfp_commands(subparsers: argparse._SubParsersAction,
         parser.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"),
                             help="where task outputs go (default: local_outputs)")
         parser.set_defaults(func=func)
+        return parser
 
-    compile_command("compile", "compile the pipeline to KFP IR YAML", "pipeline.yaml", cmd_compile, grid=False)
-    local_command("run-local", "run the pipeline here with kfp.local (no cluster, no Docker)", cmd_run_local,
-                  grid=False)
-    compile_command("compile-compare", "compile the method-comparison pipeline (methods x seeds x label "
-                    "ratios, one HTML report; submit it with submit --package)", "compare.yaml",
-                    cmd_compile_compare, grid=True)
+    _kubeflow_args(compile_command("compile", "compile the pipeline to KFP IR YAML", "pipeline.yaml", cmd_compile,
+                                   grid=False))
+    local_command("run-local", "run the pipeline here with kfp.local on a local dataset folder (no cluster, "
+                  "no Docker)", cmd_run_local, grid=False)
+    _kubeflow_args(compile_command("compile-compare", "compile the method-comparison pipeline (methods x seeds x "
+                                   "label ratios, one HTML report; submit it with submit --package)", "compare.yaml",
+                                   cmd_compile_compare, grid=True))
     local_command("compare-local", "run the method-comparison pipeline here with kfp.local", cmd_compare_local,
                   grid=True)
 
-    compile_command("compile-predict", "compile the batch-inference pipeline (submit it with submit --package)",
-                    "predict.yaml", cmd_compile_predict, grid=False)
+    predict = compile_command("compile-predict", "compile the batch-inference pipeline (submit it with submit "
+                              "--package)", "predict.yaml", cmd_compile_predict, grid=False)
+    predict.add_argument("--data-pvc", help="PersistentVolumeClaim holding the images to score, mounted at "
+                         "/mnt/data (the run's data_dir then lies under it)")
     local_command("predict-local", "run the batch-inference pipeline here with kfp.local", cmd_predict_local,
                   grid=False)
     sub.choices["predict-local"].add_argument("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION "
@@ -156,11 +221,10 @@ def add_kfp_commands(subparsers: argparse._SubParsersAction,
     submit.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
     submit.add_argument("--experiment", default="dvpt", help="KFP experiment name (default: dvpt)")
     submit.add_argument("--token", help="bearer token (default: $KF_PIPELINES_TOKEN)")
-    submit.add_argument("--data", required=True, help="dataset folder as the pipeline's pods see it")
     submit.add_argument("--package", type=Path, help="a package from compile or compile-compare "
                         "(default: compile the DVPT pipeline from the configuration now)")
     submit.add_argument("--run-name", help="run name shown in the KFP UI")
     submit.add_argument("--image", help=image_help + "; not with --package")
-    submit.add_argument("--data-pvc", help=pvc_help + "; not with --package")
-    submit.add_argument("--tracking-secret", help=secret_help + "; not with --package")
+    _run_args(submit)
+    _kubeflow_args(submit)
     submit.set_defaults(func=cmd_submit)

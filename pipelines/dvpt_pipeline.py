@@ -1,23 +1,34 @@
-"""The DVPT Kubeflow pipeline: validate -> preprocess -> train -> (evaluate, export) -> register -> promote.
+"""The DVPT Kubeflow pipeline: fetch -> validate -> preprocess -> train -> (evaluate, export) ->
+register -> promote.
 
-Every task runs a component from :mod:`components`, i.e. the same ``dvpt_core.steps`` function
-``dvc repro`` runs; the pipeline only wires artifacts between them. It takes two parameters:
-``data_dir``, a dataset folder the pods can see (a mounted volume, or a folder ``dvc pull`` filled),
-and ``config_json``, the whole :class:`~dvpt_core.config.ExperimentConfig`, defaulting at compile
-time to the configuration the user compiled with.
+Every step task runs a component from :mod:`components`, i.e. the same ``dvpt_core.steps``
+function ``dvc repro`` runs; the pipeline only wires artifacts between them.
 
-Caching is off for every task but ``pretrain``: KFP would key a cache hit on the ``data_dir``
-string, not on the files under it, and a cached train or register task would skip its MLflow run
-or model version. The stand-in backbone depends on the configuration alone, so it is cached.
+Parameters. The data: ``data_repo`` (a git URL), ``data_path`` (its DVC-tracked folder) and
+``data_revision`` (branch, tag or commit): the first tasks resolve the revision to a commit and
+the folder's DVC hash, then fetch that content from the repository's DVC remote (``dvc get``'s
+machinery), so a run's lineage is a git revision plus a data hash and no volume is filled by hand.
+The settings a run most often changes are typed parameters (:data:`dvpt_core.config.RUN_PARAMETERS`:
+``method``, ``epochs``, ``learning_rate``, ``label_ratio``, ``seed``) that override
+``config_json``, the whole :class:`~dvpt_core.config.ExperimentConfig`; every default is the
+configuration the package was compiled with, so the schema stays the one source of defaults.
 
-No credentials are compiled in: a tracking URI's user info and secret query parameters are
-dropped from the ``config_json`` default (with a warning), and the tasks that talk to MLflow
-take them from a Kubernetes secret instead (``tracking_secret``: its keys
-``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN`` become
-those environment variables, which MLflow's client reads).
+The cluster gives each pod what is not the pipeline's to carry (:mod:`pipelines.cluster`): the
+MLflow address from a ConfigMap and every credential from Secrets; the compiled configuration
+holds no tracking URI. The train step asks for the CPU, memory and accelerators ``dvpt kfp
+compile`` was given and tolerates the accelerator's taint, or launches ``torchrun`` as a Training
+Operator PyTorchJob (:mod:`pipelines.pytorchjob`). Tasks that fail transiently retry with
+back-off.
+
+Caching is explicit per task (:data:`CACHED`): the tasks that are pure functions of their inputs
+are cached, and their keys are content: the fetch task's inputs include the data hash, and the
+validate and preprocess tasks read the fetched artifact, so they hit the cache exactly when the
+data and their settings are unchanged. Training and everything that writes to MLflow or the
+registry run every time.
+
 The promote task is the quality gate (``dvpt_core.steps.promote``); when it promotes, a batch
-inference task runs the new champion over ``data_dir`` (``dsl.If`` on the decision), a smoke
-test of the served model on real files.
+inference task runs the new champion over the data (``dsl.If`` on the decision), a smoke test of
+the served model on real files.
 
 No ``from __future__ import annotations``: ``dsl.pipeline`` reads the pipeline function's
 annotations as real types.
@@ -32,127 +43,202 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import kfp
 from kfp import compiler, dsl, kubernetes, local
 from kfp.dsl.graph_component import GraphComponent
+from kfp.dsl.pipeline_channel import PipelineChannel
 
-from components import build_components
-from dvpt_core.config import ExperimentConfig
-from dvpt_core.secrets import MLFLOW_CREDENTIAL_ENV, has_credentials, mask_uri, strip_credentials
+from components import StepComponents, build_components, default_image
+from dvpt_core.config import RUN_PARAMETERS, ExperimentConfig, KubeflowConfig, setting_value
 from dvpt_core.registry.promotion import DECISION_FILE
+from dvpt_core.secrets import mask_uri
+from pipelines import cluster
+from pipelines.pytorchjob import POD_ENV, SHARED_MOUNT, render_train_job
 
 log = logging.getLogger(__name__)
 PIPELINE_NAME = "dvpt-pipeline"
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
-DATA_MOUNT = "/mnt/data"
+# Which tasks KFP may answer from its cache (set on every task, by component name).
+CACHED = {
+    "configure": True, "resolve-data": False, "fetch-data": True, "importer": True, "pretrain": True,
+    "validate": True, "preprocess": True, "train": False, "train-pytorchjob": False, "createpvc": False,
+    "deletepvc": False, "evaluate": False, "export": False, "register": False, "promote": False,
+    "predict": False, "cell-config": True, "compare": False,
+}
+# The shared volume's access mode: the launcher and every node of the job mount it together.
+SHARED_ACCESS = ["ReadWriteMany"]
 
 
-def build_pipeline(image: str | None = None, data_pvc: str | None = None,
-                   tracking_secret: str | None = None) -> GraphComponent:
-    """The pipeline with every component in ``image`` (default ``$DVPT_IMAGE`` or the local tag).
+class Outputs(NamedTuple):
+    model: dsl.Model
+    registration: dsl.Artifact
+    test_metrics: dsl.Metrics
+    decision: dsl.Artifact
 
-    ``data_pvc`` names a PersistentVolumeClaim mounted at ``/mnt/data`` in the tasks that read
-    ``data_dir`` (which then lies under ``/mnt/data``); ``tracking_secret`` a Kubernetes secret
-    holding the MLflow credentials (see the module docstring). The pipeline's outputs: the trained
-    adapter, the registration record and the test metrics.
+
+def build_pipeline(image: str | None = None, settings: KubeflowConfig | None = None,
+                   local_data: bool = False) -> GraphComponent:
+    """The pipeline with every component in ``image`` (default ``$DVPT_IMAGE`` or the local tag),
+    wired to the cluster as ``settings`` say.
+
+    ``local_data``: the dataset is the folder ``data_dir`` (a parameter, imported as the dataset
+    artifact) instead of the DVC remote, for ``kfp.local`` runs. Outputs: the trained adapter, the
+    registration record, the test metrics and the promotion decision.
     """
     step = build_components(image)
-    outputs = NamedTuple(
-        "Outputs", [("model", dsl.Model), ("registration", dsl.Artifact), ("test_metrics", dsl.Metrics),
-                    ("decision", dsl.Artifact)]
-    )
+    settings = settings or KubeflowConfig()
+    job = render_train_job(settings, image or default_image())
+    description = __doc__.splitlines()[0]
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
-    def dvpt_pipeline(data_dir: str, config_json: str) -> outputs:
+    def body(data: PipelineChannel, config_json: str, run: dict[str, Any]) -> Outputs:
+        # The data's tasks read config_json itself: no run parameter changes what they do, so a
+        # run that only changes those still finds them in KFP's cache.
+        validated = step.validate(config_json=config_json, data=data)
+        validation = validated.outputs["validation"]
+        cached = step.preprocess(config_json=config_json, data=data, validation=validation)
+        cache = cached.outputs["cache"]
         pretrained = step.pretrain(config_json=config_json)
         backbone = pretrained.outputs["backbone"]
-        validated = step.validate(config_json=config_json, data_dir=data_dir)
-        cached = step.preprocess(config_json=config_json, data_dir=data_dir,
-                                 validation=validated.outputs["validation"])
-        cache = cached.outputs["cache"]
-        trained = step.train(config_json=config_json, data_dir=data_dir, cache=cache, backbone=backbone,
-                             validation=validated.outputs["validation"])
+        configured = step.configure(config_json=config_json, **run)
+        run_json = configured.output
+        trained = train_task(step, settings, json.dumps(job), run_json, data, cache, backbone, validation)
         model = trained.outputs["model"]
-        evaluated = step.evaluate(config_json=config_json, cache=cache, backbone=backbone, model=model)
-        exported = step.export(config_json=config_json, cache=cache, backbone=backbone, model=model)
+        evaluated = step.evaluate(config_json=run_json, cache=cache, backbone=backbone, model=model)
+        exported = step.export(config_json=run_json, cache=cache, backbone=backbone, model=model)
         # After evaluate too: a model whose evaluation failed is never registered.
         registered = step.register(
-            config_json=config_json, model=model, onnx_model=exported.outputs["onnx_model"]
+            config_json=run_json, model=model, onnx_model=exported.outputs["onnx_model"]
         ).after(evaluated)
-        promoted = step.promote(config_json=config_json, registration=registered.outputs["registration"])
+        promoted = step.promote(config_json=run_json, registration=registered.outputs["registration"])
         with dsl.If(promoted.outputs["Output"] == "promoted", name="promoted"):
-            champion = step.predict(config_json=config_json, data_dir=data_dir, backbone=backbone)
-        for task in (validated, cached, trained, evaluated, exported, registered, promoted, champion):
-            task.set_caching_options(enable_caching=False)
-        # The stand-in is a pure function of the configuration: reuse it across runs.
-        pretrained.set_caching_options(enable_caching=True)
-        if data_pvc:
-            for task in (validated, cached, trained, champion):
-                kubernetes.mount_pvc(task, pvc_name=data_pvc, mount_path=DATA_MOUNT)
-        use_tracking_secret(tracking_secret, trained, evaluated, registered)
-        return outputs(model=model, registration=registered.outputs["registration"],
+            champion = step.predict(config_json=run_json, data=data, backbone=backbone)
+        set_caching(configured, pretrained, validated, cached, evaluated, exported, registered, promoted, champion)
+        cluster.use_tracking(evaluated, registered, promoted, champion)
+        cluster.retry(settings, evaluated, registered, promoted, champion)
+        return Outputs(model=model, registration=registered.outputs["registration"],
                        test_metrics=evaluated.outputs["metrics"], decision=promoted.outputs["decision"])
+
+    if local_data:
+        @dsl.pipeline(name=PIPELINE_NAME, description=description)
+        def dvpt_pipeline(data_dir: str, config_json: str, method: str, epochs: int, learning_rate: float,
+                          label_ratio: float, seed: int) -> Outputs:
+            run = dict(method=method, epochs=epochs, learning_rate=learning_rate, label_ratio=label_ratio, seed=seed)
+            return body(import_dataset(data_dir), config_json, run)
+
+        return dvpt_pipeline
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=description)
+    def dvpt_pipeline(data_repo: str, data_path: str, data_revision: str, config_json: str, method: str,
+                      epochs: int, learning_rate: float, label_ratio: float, seed: int) -> Outputs:
+        run = dict(method=method, epochs=epochs, learning_rate=learning_rate, label_ratio=label_ratio, seed=seed)
+        return body(fetch_dataset(step, settings, data_repo, data_path, data_revision), config_json, run)
 
     return dvpt_pipeline
 
 
-def use_tracking_secret(secret: str | None, *tasks: dsl.PipelineTask) -> None:
-    """The MLflow credentials of Kubernetes secret ``secret`` as environment variables of ``tasks``
-    (each key optional: a secret may hold a user and password, or a token)."""
-    if not secret:
-        return
+def fetch_dataset(step: StepComponents, settings: KubeflowConfig, repo: str, path: str,
+                  revision: str) -> PipelineChannel:
+    """The dataset artifact from the DVC remote: resolved (never cached), then fetched (cached by
+    repository, folder, revision and data hash), both retried and given the S3 credentials."""
+    resolved = step.resolve_data(data_repo=repo, data_path=path, data_revision=revision)
+    fetched = step.fetch_data(data_repo=repo, data_path=path, data_revision=revision,
+                              data_md5=resolved.outputs["md5"])
+    set_caching(resolved, fetched)
+    cluster.use_data_remote(resolved, fetched)
+    cluster.retry(settings, resolved, fetched)
+    return fetched.outputs["data"]
+
+
+def import_dataset(data_dir: str) -> PipelineChannel:
+    """The folder ``data_dir`` as the dataset artifact (the folder itself is the dataset root)."""
+    imported = dsl.importer(artifact_uri=data_dir, artifact_class=dsl.Dataset, metadata={"root": "."})
+    set_caching(imported)
+    return imported.output
+
+
+def train_task(step: StepComponents, settings: KubeflowConfig, job_json: str, run_json: str,
+               data: PipelineChannel, cache: PipelineChannel, backbone: PipelineChannel,
+               validation: PipelineChannel) -> dsl.PipelineTask:
+    """The train step: in its own pod with ``settings``' resources, or (``train_launcher:
+    pytorchjob``) a launcher that runs the PyTorchJob ``job_json`` on a volume created for it."""
+    inputs = dict(config_json=run_json, data=data, cache=cache, backbone=backbone, validation=validation)
+    if settings.train_launcher == "pod":
+        trained = step.train(**inputs)
+        cluster.request_compute(trained, settings)
+        cluster.use_tracking(trained)
+        set_caching(trained)
+        return trained
+    volume = kubernetes.CreatePVC(pvc_name_suffix="-dvpt-train", access_modes=SHARED_ACCESS,
+                                  size=settings.shared_storage, **_storage_class(settings))
+    claim = volume.outputs["name"]
+    trained = step.train_pytorchjob(job_json=job_json, shared_claim=claim, **inputs)
+    kubernetes.mount_pvc(trained, pvc_name=claim, mount_path=SHARED_MOUNT)
+    for env, field in POD_ENV.items():
+        kubernetes.use_field_path_as_env(trained, env, field)
+    # A retried launcher finds the job's checkpoint on the volume and resumes.
+    cluster.retry(settings, trained)
+    removed = kubernetes.DeletePVC(pvc_name=claim).after(trained)
+    set_caching(volume, trained, removed)
+    return trained
+
+
+def _storage_class(settings: KubeflowConfig) -> dict[str, str]:
+    return {"storage_class_name": settings.storage_class} if settings.storage_class else {}
+
+
+def set_caching(*tasks: dsl.PipelineTask) -> None:
+    """Each task's caching as :data:`CACHED` says for its component."""
     for task in tasks:
-        kubernetes.use_secret_as_env(task, secret_name=secret, optional=True,
-                                     secret_key_to_env={name: name for name in MLFLOW_CREDENTIAL_ENV})
+        task.set_caching_options(enable_caching=CACHED[task.component_spec.name])
 
 
-def compile_pipeline(
-    out_path: Path, cfg: ExperimentConfig, image: str | None = None, data_pvc: str | None = None,
-    tracking_secret: str | None = None,
-) -> Path:
-    """Compile to KFP IR YAML with ``config_json`` defaulting to ``cfg``; returns ``out_path``.
-
-    ``image``, ``data_pvc`` and ``tracking_secret`` as in :func:`build_pipeline`.
-    """
-    return compile_graph(build_pipeline(image, data_pvc, tracking_secret), out_path, cfg)
+def run_arguments(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The typed run parameters' values in ``cfg`` (their compiled defaults)."""
+    return {name: setting_value(cfg, key) for name, key in RUN_PARAMETERS.items()}
 
 
-def without_credentials(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with the tracking URI's credentials dropped (warning that they were), for shipping."""
+def for_cluster(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` as a package carries it: without a tracking URI, which the pods take from the
+    cluster (ConfigMap ``dvpt-mlflow``), so no address or credential is compiled in."""
     uri = cfg.tracking.tracking_uri
-    if not uri or not has_credentials(uri):
+    if uri is None:
         return cfg
-    log.warning(
-        "tracking.tracking_uri %s holds credentials: the pipeline is compiled without them; give the pods "
-        "%s from a Kubernetes secret (--tracking-secret NAME)", mask_uri(uri), " / ".join(MLFLOW_CREDENTIAL_ENV),
-    )
-    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": strip_credentials(uri)})})
+    log.info("tracking.tracking_uri %s is not compiled into the pipeline: its pods read MLFLOW_TRACKING_URI from "
+             "ConfigMap %s", mask_uri(uri), cluster.TRACKING_CONFIG_MAP)
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": None})})
+
+
+def data_defaults(settings: KubeflowConfig) -> dict[str, str]:
+    """The data parameters' compiled defaults (a package without ``data_repo`` needs it at submission)."""
+    defaults = {"data_path": settings.data_path, "data_revision": settings.data_revision}
+    return {**defaults, "data_repo": settings.data_repo} if settings.data_repo else defaults
+
+
+def compile_pipeline(out_path: Path, cfg: ExperimentConfig, image: str | None = None,
+                     settings: KubeflowConfig | None = None) -> Path:
+    """Compile to KFP IR YAML with every parameter but (possibly) ``data_repo`` defaulting to
+    ``cfg`` and ``settings``; returns ``out_path``."""
+    settings = settings or KubeflowConfig()
+    return compile_graph(build_pipeline(image, settings), out_path, cfg, **data_defaults(settings),
+                         **run_arguments(cfg))
 
 
 def compile_graph(pipeline: GraphComponent, out_path: Path, cfg: ExperimentConfig, **defaults: object) -> Path:
     """Compile ``pipeline`` with ``config_json`` (and any other parameter in ``defaults``)
-    defaulting to the given values, credentials removed (:func:`without_credentials`); warns when
-    the pods could not share MLflow runs."""
-    cfg = without_credentials(cfg)
-    uri = cfg.tracking.tracking_uri
-    if not (uri or "").startswith(("http://", "https://")):
-        log.warning(
-            "tracking.tracking_uri is %r: each KFP step runs in its own pod, so train, evaluate and "
-            "register share runs only through an MLflow server (infra/k8s: "
-            "http://mlflow.mlflow.svc.cluster.local:5000) or $MLFLOW_TRACKING_URI set in the pods", uri,
-        )
+    defaulting to the given values, ``config_json`` as :func:`for_cluster` ships it."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    parameters = {"config_json": cfg.to_json(), **defaults}
+    parameters = {"config_json": for_cluster(cfg).to_json(), **defaults}
     compiler.Compiler().compile(pipeline, str(out_path), pipeline_parameters=parameters)
     return out_path
 
 
 @contextlib.contextmanager
-def local_session(pipeline_root: Path) -> Iterator[None]:
-    """Pipelines called inside run offline, each task a subprocess of this Python environment.
+def local_session(pipeline_root: Path, cfg: ExperimentConfig) -> Iterator[None]:
+    """Pipelines called inside run offline, each task a subprocess of this Python environment,
+    with ``MLFLOW_TRACKING_URI`` set to ``cfg``'s tracking URI as the cluster's ConfigMap sets it.
 
     Uses ``kfp.local`` with ``SubprocessRunner(use_venv=False)``: the default venv mode would
     pip-install per task. Outputs land under ``pipeline_root``.
@@ -165,21 +251,39 @@ def local_session(pipeline_root: Path) -> Iterator[None]:
     )
     # kfp.local prints its own and every task's logs to stdout; stdout is for the result (the CLI
     # prints it as JSON), so they go to stderr.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+    with _environment(MLFLOW_TRACKING_URI=cfg.tracking.resolved_uri()), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(sys.stderr):
         # kfp.local warns for any image whose name lacks "python": here the tasks run in this
         # environment, never in the image, so the warning says nothing about this run.
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
         yield
 
 
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """``values`` in ``os.environ`` (which the local tasks inherit) for the block, then as before."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dict:
-    """Run the whole pipeline offline (:func:`local_session`), outputs under ``pipeline_root``.
+    """Run the whole pipeline offline (:func:`local_session`) on the folder ``data_dir``, outputs
+    under ``pipeline_root``, with the configuration a package would carry (:func:`for_cluster`).
 
     Returns what the register task wrote (``registered.json``) plus the test metrics, the
     random-weights flag (the CLI warns on it) and where the artifacts are.
     """
-    with local_session(pipeline_root):
-        task = build_pipeline()(data_dir=str(Path(data_dir).resolve()), config_json=cfg.to_json())
+    with local_session(pipeline_root, cfg):
+        task = build_pipeline(local_data=True)(data_dir=str(Path(data_dir).resolve()),
+                                               config_json=for_cluster(cfg).to_json(), **run_arguments(cfg))
     registration = Path(task.outputs["registration"].path)
     registered = json.loads((registration / "registered.json").read_text())
     # kfp.local writes <pipeline_root>/<run>/<task>/<output>: every task's outputs sit in run_dir.
@@ -193,35 +297,33 @@ def run_local(cfg: ExperimentConfig, data_dir: Path, pipeline_root: Path) -> dic
 def submit(
     pipeline: Path | ExperimentConfig,
     host: str,
-    data_dir: str,
+    arguments: dict[str, Any] | None = None,
     experiment: str = "dvpt",
     namespace: str | None = None,
     token: str | None = None,
     run_name: str | None = None,
     image: str | None = None,
-    data_pvc: str | None = None,
-    tracking_secret: str | None = None,
+    settings: KubeflowConfig | None = None,
 ) -> dict:
     """Submit a run to a Kubeflow Pipelines host; returns the run id and its UI address.
 
-    ``pipeline`` is a compiled package (whose ``config_json`` default is the configuration it was
-    compiled with) or a configuration to compile now with ``image``, ``data_pvc`` and
-    ``tracking_secret``. ``token`` (else
-    ``$KF_PIPELINES_TOKEN``) is a bearer token, e.g. ``kubectl create token`` for a service
-    account allowed to use the Kubeflow profile ``namespace``.
+    ``pipeline`` is a compiled package or a configuration to compile now with ``image`` and
+    ``settings``; ``arguments`` set the run's parameters (the rest keep the package's defaults).
+    ``token`` (else ``$KF_PIPELINES_TOKEN``) is a bearer token, e.g. ``kubectl create token`` for
+    a service account allowed to use the Kubeflow profile ``namespace``.
     """
     token = token or os.environ.get(TOKEN_ENV) or None
+    arguments = arguments or {}
     # kfp.Client's own namespace default ("kubeflow") stands when no profile namespace is given.
     profile = {"namespace": namespace} if namespace else {}
     client = kfp.Client(host=host, existing_token=token, **profile)
     with tempfile.TemporaryDirectory() as tmp:
         package = (
-            compile_pipeline(Path(tmp) / "pipeline.yaml", pipeline, image, data_pvc, tracking_secret)
+            compile_pipeline(Path(tmp) / "pipeline.yaml", pipeline, image, settings)
             if isinstance(pipeline, ExperimentConfig) else Path(pipeline)
         )
         result = client.create_run_from_pipeline_package(
-            str(package), arguments={"data_dir": data_dir}, run_name=run_name,
-            experiment_name=experiment, namespace=namespace,
+            str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
         )
     return {"run_id": result.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}",
-            "experiment": experiment, "namespace": namespace, "data_dir": data_dir}
+            "experiment": experiment, "namespace": namespace, "arguments": arguments}

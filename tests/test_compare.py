@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import yaml
 
-from dvpt_core.config import ConfigError
+from components.compare import cell_config as cell_component
+from dvpt_core.config import ConfigError, ExperimentConfig, KubeflowConfig
 from dvpt_core.data.synthetic.ddr import generate_ddr
 from dvpt_core.steps.compare import (
     cell_config, cell_table, expand_grid, rank, report_html, scores, summarise, table,
@@ -39,12 +40,19 @@ def test_expand_grid_and_cell_config_set_method_seed_ratio_and_method_overrides(
     assert len(grid) == 8
     full = next(c for c in grid if c["method"] == "full" and c["seed"] == 1 and c["label_ratio"] == 0.1)
     cfg = cell_config(tiny_config(), full)
-    assert (cfg.model.method, cfg.train.seed, cfg.data.split_seed, cfg.data.label_ratio, cfg.train.lr) == (
+    assert (cfg.model.method, cfg.train.seed, cfg.data.label_seed, cfg.data.label_ratio, cfg.train.lr) == (
         "full", 1, 1, 0.1, 0.0003)
+    # The splits stay the configuration's: every cell is scored on the same test samples.
+    assert cfg.data.split_seed == tiny_config().data.split_seed
     linear = cell_config(tiny_config(), grid[0])
     assert linear.train.lr == tiny_config().train.lr  # another method's override does not leak
     with pytest.raises(ConfigError, match="model.method"):
         cell_config(tiny_config(), {"method": "nope", "seed": 0, "label_ratio": 1.0})
+    # The pipeline's component: the run's epochs and learning rate, then the cell (whose own
+    # overrides win).
+    run = ExperimentConfig.from_json(cell_component(tiny_config().to_json(), full, epochs=7, learning_rate=0.5))
+    assert (run.train.epochs, run.train.lr, run.model.method) == (7, 0.0003, "full")
+    assert ExperimentConfig.from_json(cell_component(tiny_config().to_json(), grid[0], 7, 0.5)).train.lr == 0.5
 
 
 def test_summary_is_mean_and_sample_std_per_method_and_ratio_and_ranks_by_mean_kappa() -> None:
@@ -81,28 +89,47 @@ def test_report_page_holds_both_tables_and_the_plot(tmp_path) -> None:
     assert "data:image/png;base64," in page
 
 
-def test_compiled_pipeline_validates_once_fans_out_over_the_grid_and_fans_in(tmp_path) -> None:
+def test_compiled_pipeline_preprocesses_once_fans_out_boundedly_over_the_grid_and_fans_in(tmp_path) -> None:
     cfg = tiny_config("tracking.tracking_uri=http://mlflow.mlflow.svc.cluster.local:5000")
     grid = expand_grid(["linear", "dvpt"], [0, 1], [0.5, 1.0])
-    path = compile_compare(tmp_path / "compare.yaml", cfg, grid, "reg/dvpt:2", data_pvc="ddr-data")
+    settings = KubeflowConfig(parallelism=3, gpus=1, data_repo="https://git.example.com/ddr.git")
+    path = compile_compare(tmp_path / "compare.yaml", cfg, grid, "reg/dvpt:2", settings)
     spec, platform = yaml.safe_load_all(path.read_text())
 
     root = spec["root"]
+    data = {"resolve-data": set(), "fetch-data": {"resolve-data"}, "validate": {"fetch-data"},
+            "preprocess": {"fetch-data", "validate"}}
     assert {name: set(t.get("dependentTasks", [])) for name, t in root["dag"]["tasks"].items()} == {
-        "pretrain": set(), "validate": set(), "for-loop-1": {"pretrain", "validate"}, "compare": {"for-loop-1"}}
-    assert root["dag"]["tasks"]["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--grid"
-    assert root["inputDefinitions"]["parameters"]["grid"]["defaultValue"] == json.loads(json.dumps(grid))
-    assert json.loads(root["inputDefinitions"]["parameters"]["config_json"]["defaultValue"]) == json.loads(cfg.to_json())
+        **data, "pretrain": set(), "for-loop-1": {"fetch-data", "preprocess", "pretrain", "validate"},
+        "compare": {"for-loop-1"}}
+    loop_task = root["dag"]["tasks"]["for-loop-1"]
+    assert loop_task["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--grid"
+    assert loop_task["iteratorPolicy"] == {"parallelismLimit": 3}
+    parameters = root["inputDefinitions"]["parameters"]
+    assert parameters["grid"]["defaultValue"] == json.loads(json.dumps(grid))
+    assert {name: parameters[name]["defaultValue"] for name in ("epochs", "learning_rate")} == {
+        "epochs": cfg.train.epochs, "learning_rate": cfg.train.lr}
+    shipped = json.loads(parameters["config_json"]["defaultValue"])
+    assert shipped["tracking"]["tracking_uri"] is None
+    assert shipped == json.loads(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"tracking_uri": None})}).to_json())
+    # One preprocessed cache, outside the loop, serves every cell: a cell only configures, trains
+    # (taking its labelled subset) and evaluates.
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert {name: set(t.get("dependentTasks", [])) for name, t in loop.items()} == {
-        "cell-config": set(), "preprocess": {"cell-config"}, "train": {"cell-config", "preprocess"},
-        "evaluate": {"cell-config", "preprocess", "train"}}
+        "cell-config": set(), "train": {"cell-config"}, "evaluate": {"cell-config", "train"}}
+    assert loop["train"]["inputs"]["artifacts"]["cache"]["componentInputArtifact"] == (
+        "pipelinechannel--preprocess-cache")
     every_task = [*root["dag"]["tasks"].values(), *loop.values()]
-    assert [t["componentRef"]["name"] for t in every_task if t.get("cachingOptions", {}).get("enableCache")] == [
-        "comp-pretrain"]
+    assert sorted(t["componentRef"]["name"] for t in every_task if t.get("cachingOptions", {}).get("enableCache")) == [
+        "comp-cell-config", "comp-fetch-data", "comp-preprocess", "comp-pretrain", "comp-validate"]
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {"reg/dvpt:2"}
-    mounted = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(mounted) == {"exec-validate", "exec-preprocess", "exec-train"}
+    assert spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"][
+        "resourceCount"] == "1"
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {name for name, e in executors.items() if "configMapAsEnv" in e} == {
+        "exec-train", "exec-evaluate", "exec-compare"}
+    assert "tolerations" in executors["exec-train"]
 
 
 def test_cli_compile_compare_checks_every_cell_before_compiling(tmp_path, capsys) -> None:
@@ -113,7 +140,7 @@ def test_cli_compile_compare_checks_every_cell_before_compiling(tmp_path, capsys
             "--label-ratios", "0.2", "--method-set", "full:train.lr=0.0003"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["cells"] == 2
-    grid = yaml.safe_load(out.read_text())["root"]["inputDefinitions"]["parameters"]["grid"]["defaultValue"]
+    grid = next(yaml.safe_load_all(out.read_text()))["root"]["inputDefinitions"]["parameters"]["grid"]["defaultValue"]
     assert [(c["method"], c["overrides"]) for c in grid] == [("linear", []), ("full", ["train.lr=0.0003"])]
     assert main([*args[:-1], "full:train.nope=1"]) == 2
     assert "train.nope" in capsys.readouterr().err

@@ -9,14 +9,20 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from dvpt_core.config import DataConfig, ExperimentConfig, SyntheticConfig
 from dvpt_core.data.records import SPLITS, Sample
-from dvpt_core.data.splits import SplitLeakError, plan_splits, stratified_order
+from dvpt_core.data.dataset import make_loader
+from dvpt_core.data.formats import mask_policy
+from dvpt_core.data.formats.pixels import load_resized
+from dvpt_core.data.splits import (
+    SplitLeakError, file_digests, labelled_rows, plan_splits, stratified_order, write_splits_csv,
+)
 from dvpt_core.data.synthetic.ddr import generate_ddr
 from dvpt_core.data.synthetic.kvasir import generate_kvasir
-from dvpt_core.steps.preprocess import preprocess
+from dvpt_core.steps.preprocess import preprocess, validated_samples
 from tests.helpers import validated
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 1.0)
@@ -158,17 +164,63 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_preprocess_writes_splits_and_applies_the_label_ratio(tmp_path: Path) -> None:
+def test_preprocess_caches_every_training_sample_and_training_reads_the_labelled_subset(tmp_path: Path) -> None:
     root = tmp_path / "ddr"
     generate_ddr(root, SyntheticConfig(train=20, valid=5, test=5, image_size=48), DataConfig().class_names)
     cfg = ExperimentConfig(model={"image_size": 32, "weights": "random"}, data={"label_ratio": 0.3})
-    meta = preprocess(cfg, root, tmp_path / "cache", validated(cfg, root, tmp_path / "validation"))
-    assert meta["counts"]["train"]["total"] == 6 and meta["splits"]["unlabelled_train"] == 14
-    assert np.load(tmp_path / "cache" / "train" / "labels.npy").shape == (6,)
+    validation = validated(cfg, root, tmp_path / "validation")
+    meta = preprocess(cfg, root, tmp_path / "cache", validation)
+    assert meta["counts"]["train"]["total"] == 20 and meta["splits"]["unlabelled_train"] == 0
     rows = read_rows(tmp_path / "cache" / "splits.csv")
     assert len(rows) == 30 and Counter(r["split"] for r in rows) == {"train": 20, "valid": 5, "test": 5}
-    assert sum(r["labelled"] == "1" for r in rows if r["split"] == "train") == 6
-    assert all(len(r["sha256"]) == 64 for r in rows)
+    assert all(r["labelled"] == "1" for r in rows) and all(len(r["sha256"]) == 64 for r in rows)
+
+    # The reference: the samples the split planner labels at this ratio, decoded from their files.
+    samples = validated_samples(cfg.data, root, validation)
+    digests = file_digests([s.path for s in samples])
+    expected = plan_splits(samples, digests, cfg.data).split("train")
+    assert len(expected) == 6
+    pixels = np.stack([load_resized([s], 32, mask_policy(cfg.data), cfg.data.max_pixels)[0][0] for s in expected])
+    loader = make_loader(tmp_path / "cache" / "train", (0.5,) * 3, (0.5,) * 3, True, cfg)
+    subset = loader.dataset
+    assert len(subset) == 6
+    np.testing.assert_array_equal(subset.dataset.images[subset.indices], pixels)
+    assert subset.dataset.labels[subset.indices].tolist() == [s.label for s in expected]
+    # An epoch of the training loader reads exactly these rows, each once.
+    labels = torch.cat([batch_labels for _, batch_labels in loader])
+    assert sorted(labels.tolist()) == sorted(s.label for s in expected)
+    # Validation and test are read whole.
+    assert len(make_loader(tmp_path / "cache" / "valid", (0.5,) * 3, (0.5,) * 3, False, cfg).dataset) == 5
+
+    # Each repetition seed of a comparison cell (data.label_seed) labels what data.split_seed did
+    # before the subset moved to training time, for every ratio: DDR names its splits, so the split
+    # seed never chose anything else.
+    for seed, ratio in [(0, 0.1), (1, 0.5), (2, 0.3), (5, 0.75)]:
+        before = plan_splits(samples, digests, DataConfig(split_seed=seed, label_ratio=ratio)).split("train")
+        chosen = labelled_rows(tmp_path / "cache" / "splits.csv", DataConfig(label_seed=seed, label_ratio=ratio))
+        train_rows = [r["path"] for r in rows if r["split"] == "train"]
+        assert [train_rows[i] for i in chosen] == [s.path.relative_to(root).as_posix() for s in before]
+
+
+def test_the_labelled_subset_read_back_from_splits_csv_is_the_planned_one_for_patients(tmp_path: Path) -> None:
+    """Units read back from the file (groups; relative paths) rank as the planner ranked them."""
+    samples = patients(24, slices=3)
+    digests = [fake_digest(s) for s in samples]
+    whole = plan_splits(samples, digests, DataConfig(format="acdc", split_seed=3))
+    write_splits_csv(tmp_path / "splits.csv", whole, Path("/acdc"))
+    cached_train = whole.split("train")
+    for ratio, label_seed in [(0.25, None), (0.5, 7), (0.1, 2)]:
+        data = DataConfig(format="acdc", split_seed=3, label_ratio=ratio, label_seed=label_seed)
+        planned = plan_splits(samples, digests, data).split("train")
+        assert [cached_train[i] for i in labelled_rows(tmp_path / "splits.csv", data)] == planned
+
+
+def test_a_cache_holding_part_of_its_training_split_is_refused(tmp_path: Path) -> None:
+    samples = images(20, labels=[i % 3 for i in range(20)], split="train") + images(4, [0, 1, 2, 0], "test", "t")
+    thinned = plan(samples, format="csv", task="classification", class_names=list("abc"), label_ratio=0.5)
+    write_splits_csv(tmp_path / "splits.csv", thinned, Path("/data"))
+    with pytest.raises(ValueError, match="preprocess step again"):
+        labelled_rows(tmp_path / "splits.csv", DataConfig(format="csv", class_names=list("abc"), label_ratio=0.2))
 
 
 def test_no_content_hash_is_in_two_splits_of_a_kvasir_fold(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dvpt_core.config import ExperimentConfig, TrainConfig
-from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, MASKS_FILE
+from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, MASKS_FILE, SPLITS_FILE
+from dvpt_core.data.splits import labelled_rows
 from dvpt_core.data.transforms import apply, build_transform
 from dvpt_core.distributed import local_batch_size
 from dvpt_core.runtime import AUGMENTATION_STREAM, derived_seed
@@ -106,6 +107,24 @@ def _load(split_dir: Path, name: str, mmap_mode: str | None = None) -> np.ndarra
     return np.load(split_dir / name, mmap_mode=mmap_mode)
 
 
+class RowSubset(Dataset):
+    """Some rows of a cached split (the labelled share of ``data.label_ratio``), keyed as
+    :class:`CachedSplit` is: a position, or (epoch, position). A sample keeps its cache row's
+    augmentation seed, whichever subset it is in (torch's Subset cannot pass epoch keys on)."""
+
+    def __init__(self, dataset: CachedSplit, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int | torch.Tensor]:
+        if isinstance(key, tuple):
+            epoch, position = key
+            return self.dataset[(epoch, self.indices[position])]
+        return self.dataset[self.indices[key]]
+
+
 class EpochSampler(DistributedSampler):
     """The training order: each epoch a permutation drawn from ``train.seed + epoch``, process
     ``rank`` of ``num_replicas`` taking every ``num_replicas``-th sample of it (torch's
@@ -137,7 +156,9 @@ def make_loader(
     and augmented as epoch 0 until :func:`set_epoch` says otherwise.
 
     ``image_size``: the input size the model takes; a cache preprocessed at another size is
-    refused here, naming both, rather than deep inside the model's forward pass.
+    refused here, naming both, rather than deep inside the model's forward pass. Over the training
+    split (a folder named ``train``) only ``data.label_ratio``'s labelled subset is read
+    (``dvpt_core.data.splits.labelled_rows``: the cache holds the whole split).
 
     Training order and augmentation follow ``cfg.train.seed`` and the epoch only
     (:class:`EpochSampler`), so a run is repeatable. Under ``torchrun`` (``world_size`` > 1) a
@@ -150,10 +171,13 @@ def make_loader(
     if image_size is not None and cached != image_size:
         raise ValueError(f"{Path(split_dir) / IMAGES_FILE} holds {cached}x{cached} images but the model takes "
                          f"{image_size}x{image_size}: preprocess again with model.image_size={image_size}")
+    samples: Dataset = dataset
+    if Path(split_dir).name == "train" and cfg.data.label_ratio < 1:
+        samples = RowSubset(dataset, labelled_rows(Path(split_dir).parent / SPLITS_FILE, cfg.data))
     workers = cfg.train.num_workers
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=cfg.train.seed) if train else None
+    sampler = EpochSampler(samples, num_replicas=world_size, rank=rank, seed=cfg.train.seed) if train else None
     return DataLoader(
-        dataset,
+        samples,
         batch_size=local_batch_size(cfg.train.batch_size, world_size) if train else cfg.train.batch_size,
         sampler=sampler,
         num_workers=workers,

@@ -14,8 +14,11 @@ Rules, in order:
    then carved from the other folds. Classification units are stratified by label. Samples
    without a named split in a dataset that names all three join the training split.
 3. ``label_ratio`` keeps that share of the training units (at least one). The units are ranked
-   once by a seeded stratified order that does not depend on the ratio, and a ratio takes a prefix
-   of it, so every smaller subset lies inside every larger one (10 % in 20 % in ... in 100 %).
+   once by a stratified order seeded with ``label_seed`` (else ``split_seed``) that does not depend
+   on the ratio, and a ratio takes a prefix of it, so every smaller subset lies inside every larger
+   one (10 % in 20 % in ... in 100 %). The preprocess step caches the whole training split and
+   training takes the subset from ``splits.csv`` (:func:`labelled_rows`), so one cache serves
+   every ratio.
 4. Leakage check: no content hash and no group may appear in two splits.
 
 Everything is a pure function of the samples, their hashes and the ``data`` settings: the same
@@ -141,7 +144,7 @@ def assign_splits(samples: Sequence[Sample], data: DataConfig) -> list[Sample]:
     present = set(named.values()) - {None}
     missing = [name for name in ("test", "valid") if name not in present]
     pool = sorted(unit for unit, split in named.items() if split in (None, "train"))
-    order = [pool[i] for i in stratified_order(unit_strata(samples, pool, data), _rng(data, SPLIT_STREAM))]
+    order = [pool[i] for i in stratified_order(unit_strata(samples, pool, data), _rng(data.split_seed, SPLIT_STREAM))]
     assigned = {**named, **dict.fromkeys(pool, "train")}
     if data.folds > 1:
         if not missing:
@@ -188,7 +191,8 @@ def unit_strata(samples: Sequence[Sample], units: Sequence[str], data: DataConfi
 def labelled_units(samples: Sequence[Sample], data: DataConfig) -> set[str]:
     """The training units inside ``data.label_ratio``'s subset (rule 3)."""
     units = sorted({s.unit for s in samples if s.split == "train"})
-    order = stratified_order(unit_strata(samples, units, data), _rng(data, RATIO_STREAM))
+    seed = data.split_seed if data.label_seed is None else data.label_seed
+    order = stratified_order(unit_strata(samples, units, data), _rng(seed, RATIO_STREAM))
     count = max(1, round_half_up(data.label_ratio * len(units)))
     return {units[i] for i in order[:count]}
 
@@ -212,8 +216,8 @@ def round_half_up(value: float) -> int:
     return int(np.floor(value + 0.5))
 
 
-def _rng(data: DataConfig, stream: int) -> np.random.Generator:
-    return np.random.default_rng([data.split_seed, stream])
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
 
 
 def find_leaks(samples: Sequence[Sample], digests: Sequence[str]) -> list[str]:
@@ -237,6 +241,26 @@ def check_no_leakage(samples: Sequence[Sample], digests: Sequence[str]) -> None:
     problems = find_leaks(samples, digests)
     if problems:
         raise SplitLeakError("data leak between splits:\n" + "\n".join(problems))
+
+
+def labelled_rows(splits_csv: Path, data: DataConfig) -> list[int]:
+    """Positions, in a cache's training split, of the samples inside ``data.label_ratio``'s subset
+    (drawn with ``data.label_seed``), from the cache's ``splits.csv``: the samples
+    :func:`plan_splits` labels when given the cache's samples and ``data``.
+
+    Units are read back as the file records them: the group, else the image's path relative to
+    the dataset root, which sorts as the absolute paths did. Refuses a cache that holds only part
+    of its training split (one preprocessed before the subset was taken at training time).
+    """
+    with Path(splits_csv).open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "train"]
+    if not all(row["labelled"] == "1" for row in rows):
+        raise ValueError(f"{splits_csv}: the cache holds only part of its training split (it was preprocessed "
+                         "with a label ratio); run the preprocess step again")
+    samples = [Sample(path=Path(row["path"]), label=int(row["label"]) if row["label"] else None, split="train",
+                      group=row["group"] or None) for row in rows]
+    chosen = labelled_units(samples, data)
+    return [index for index, sample in enumerate(samples) if sample.unit in chosen]
 
 
 def write_splits_csv(path: Path, plan: SplitPlan, root: Path) -> None:

@@ -74,14 +74,16 @@ def cell_config(cfg: ExperimentConfig, cell: dict[str, Any]) -> ExperimentConfig
     """``cfg`` with one cell applied: its method overrides, then its method, seed and ratio.
 
     A seed is one repetition of the experiment, so it sets both the training seed and
-    ``data.split_seed``: each seed draws its own labelled subset (nested across ratios), and the
-    spread over seeds covers which images were labelled as well as the training noise.
+    ``data.label_seed``: each seed draws its own labelled subset (nested across ratios), and the
+    spread over seeds covers which images were labelled as well as the training noise. The
+    splits themselves (``data.split_seed``) stay the configuration's, so every cell is scored on
+    the same test samples and one preprocessed cache serves the whole grid.
     """
     overrides = [
         *cell.get("overrides", []),
         f"model.method={cell['method']}",
         f"train.seed={int(cell['seed'])}",
-        f"data.split_seed={int(cell['seed'])}",
+        f"data.label_seed={int(cell['seed'])}",
         f"data.label_ratio={cell['label_ratio']}",
     ]
     return ExperimentConfig.from_json(json.dumps(apply_overrides(cfg.model_dump(mode="json"), overrides)))

@@ -6,8 +6,9 @@ The step reads only what the data gate passed: the samples of the validate step'
 (``--validation``), refusing to run without a passed report made with the same data settings or
 when a listed file changed since (its sha256 differs), and naming the command to run. Those
 samples are split by ``dvpt_core.data.splits`` (seeded, by patient, de-duplicated and
-leak-checked, with ``data.label_ratio``'s subset of the training split), and
-per split the step writes ``<split>/images.npy`` (uint8, N x S x S x 3, RGB, bilinear resize)
+leak-checked). The whole training split is cached whatever ``data.label_ratio`` says: training
+takes the labelled subset from ``splits.csv`` (``splits.labelled_rows``), so one cache serves every
+label ratio and labelled-subset seed (a comparison grid preprocesses once). Per split the step writes ``<split>/images.npy`` (uint8, N x S x S x 3, RGB, bilinear resize)
 and, for classification, ``<split>/labels.npy`` (int64); for segmentation ``<split>/masks.npy``
 (uint8 N x S x S class indices, nearest-neighbour resize) with ``volumes.npy`` / ``slices.npy``
 (each slice's volume id and index, so evaluation can restack 3D volumes), and for 3D data
@@ -68,6 +69,8 @@ def preprocess(cfg: ExperimentConfig, data_root: Path, out_dir: Path, validation
     samples = validated_samples(data, data_root, Path(validation_dir))
     if data.task == "classification":
         _check_labels(samples, data.num_classes)
+    # Every training sample: the labelled subset is taken at training time.
+    data = data.model_copy(update={"label_ratio": 1.0, "label_seed": None})
     plan = plan_splits(samples, file_digests([s.path for s in samples]), data)
     size = cfg.model.image_size
     needed = cache_bytes(plan, size, data.task) + SPACE_MARGIN
