@@ -43,6 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -247,11 +248,11 @@ def _group_of(user: str | None) -> int | None:
 
 def postgres_bin() -> Path:
     """The newest Debian PostgreSQL server's bin directory."""
-    found = sorted(glob.glob(POSTGRES_GLOB), key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = [Path(p).parent for p in glob.glob(POSTGRES_GLOB) if Path(p).parts[-3].isdigit()]
     if not found:
         raise StackError(f"no PostgreSQL server binaries ({POSTGRES_GLOB}): install them with "
                          "`apt-get install postgresql` (Debian/Ubuntu)")
-    return Path(found[-1]).parent
+    return max(found, key=lambda bin_dir: int(bin_dir.parent.name))
 
 
 def weed_binary() -> Path:
@@ -408,7 +409,7 @@ class LocalStack:
         self.services.append(service)
         return service
 
-    def _wait(self, service: Service, ready, what: str) -> None:
+    def _wait(self, service: Service, ready: Callable[[], bool], what: str) -> None:
         """Until ``ready()`` is true; stops everything started and raises if the service exits or
         is not ready after STARTUP_TIMEOUT_S."""
         deadline, last = time.monotonic() + STARTUP_TIMEOUT_S, None

@@ -114,6 +114,9 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     names = json.loads((project / "outputs/train/adapter/adapter.json").read_text())["class_names"]
     probabilities = np.array([[row[c] for c in names] for row in served["probabilities"]])
     np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
+    # Before the experiment below replaces outputs/ with its own (unregistered) results.
+    assert_registered_into_the_stack(production_stack, "dvc-tiny", "challenger", project / "outputs/train/adapter",
+                                     project / "outputs/export/model.onnx")
 
     again = _dvc(project, "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout
@@ -136,7 +139,5 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     assert {"Loss", "outputs/train/history.csv", "outputs/evaluation/figures/confusion_matrix.png"} <= set(
         json.loads(plots.stdout)["data"])
 
-    assert_registered_into_the_stack(production_stack, "dvc-tiny", "challenger", project / "outputs/train/adapter",
-                                     project / "outputs/export/model.onnx")
     assert_no_credential_leaks(production_stack, [p.stdout + p.stderr for p in (repro, again, exp)],
                                [project / "outputs"])
