@@ -61,6 +61,8 @@ POSTGRES_USER_ENV, DEFAULT_POSTGRES_USER = "DVPT_POSTGRES_USER", "postgres"
 REGION = "us-east-1"
 STARTUP_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 20
+# weed mini sometimes hangs after stopping its filer; its data is thrown away, so SIGKILL it sooner.
+SEAWEEDFS_STOP_TIMEOUT_S = 5
 # SeaweedFS's admin worker dials the admin server at its HTTP port + 10000, whatever
 # -admin.port.grpc says, so that pair must be free together.
 GRPC_OFFSET = 10000
@@ -223,11 +225,12 @@ class Service:
     pgid: int
     log: str
     owned_dirs: list[str] = field(default_factory=list)
+    stop_timeout_s: float = STOP_TIMEOUT_S
     process: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     def stop(self) -> None:
         try:
-            stop_process_group(self.pgid, self.process)
+            stop_process_group(self.pgid, self.process, self.stop_timeout_s)
         finally:
             for path in self.owned_dirs:
                 shutil.rmtree(path, ignore_errors=True)
@@ -325,6 +328,7 @@ class LocalStack:
             f"-filer.localSocket={root / 'filer.sock'}", f"-s3.localSocket={root / 's3.sock'}",
         ]
         service = self._add(_spawn("seaweedfs", command, root / "weed.log", root))
+        service.stop_timeout_s = SEAWEEDFS_STOP_TIMEOUT_S
         store = S3Store(f"http://{LOOPBACK}:{s3}", bucket, access_key, secret_key)
         self._wait(service, lambda: store.filesystem().exists(bucket), f"SeaweedFS S3 at {store.endpoint}")
         self.s3 = store
@@ -445,8 +449,7 @@ class LocalStack:
         """The state ``down`` needs, credentials included: written 0600, atomically."""
         state = {"root": str(self.root), "tracking_uri": self.tracking_uri,
                  "s3": asdict(self.s3) if self.s3 else None, "db": asdict(self.db) if self.db else None,
-                 "services": [{"name": s.name, "pgid": s.pgid, "log": s.log, "owned_dirs": s.owned_dirs}
-                              for s in self.services]}
+                 "services": [{k: v for k, v in vars(s).items() if k != "process"} for s in self.services]}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.touch(mode=0o600)
         tmp.write_text(json.dumps(state, indent=2))
