@@ -3,54 +3,29 @@
 ``mlflow_server`` is a real MLflow tracking server (SQLite backend, proxied artifact store) in a
 subprocess, because the steps that register models must be tested against the HTTP API the
 Kubeflow pods use, not against a local file or SQLite store. It is session-scoped (starting one
-takes seconds): tests that share it use their own registered-model names.
+takes seconds): tests that share it use their own registered-model names. The fault tests stop
+and start such servers (``LocalMlflowServer``).
+
+``production_stack`` is the stack a team runs (``infra/local_stack.py``): ``mlflow server`` on
+PostgreSQL with its artifacts in a SeaweedFS S3 bucket, all on loopback, started once per session
+when a test first asks for it (the end-to-end runs of ``dvc repro`` and the local KFP run track into
+it). ``seaweedfs`` is its S3 store alone, for tests that need no tracking server.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from infra.local_stack import LocalStack, S3Store, free_port, http_ok, stop_process_group
+
 STARTUP_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 20
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the server's own process group (its uvicorn worker included)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 class LocalMlflowServer:
@@ -58,7 +33,7 @@ class LocalMlflowServer:
     can be stopped and started again on the same port and store, for outage tests."""
 
     def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = Path(root), port or _free_port()
+        self.root, self.port = Path(root), port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = self.root / "server.log"
         self.process: subprocess.Popen | None = None
@@ -79,18 +54,19 @@ class LocalMlflowServer:
             self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _healthy(self.uri):
-            if self.process.poll() is not None or time.monotonic() > deadline:
+        while not http_ok(f"{self.uri}/health"):
+            exit_code = self.process.poll()
+            if exit_code is not None or time.monotonic() > deadline:
                 tail = self.log_path.read_text()[-3000:]
                 self.stop()
                 pytest.fail(f"mlflow server on port {self.port} did not become healthy "
-                            f"(exit code {self.process.poll()}); log {self.log_path}:\n{tail}")
+                            f"(exit code {exit_code}); log {self.log_path}:\n{tail}")
             time.sleep(0.25)
         return self
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            stop_process_group(self.process.pid, self.process)
             self.process = None
 
 
@@ -103,3 +79,28 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.uri
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The services of ``infra/local_stack.py``, none started yet; all stopped at the session's end."""
+    stack = LocalStack(tmp_path_factory.mktemp("local_stack"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(local_stack: LocalStack) -> S3Store:
+    """SeaweedFS S3 on a free 127.0.0.1 port with one bucket and one random key pair."""
+    return local_stack.s3 or local_stack.start_s3()
+
+
+@pytest.fixture(scope="session")
+def production_stack(local_stack: LocalStack, seaweedfs: S3Store) -> LocalStack:
+    """PostgreSQL and an ``mlflow server`` on it and on ``seaweedfs``: ``.tracking_uri``, ``.s3``
+    (endpoint, bucket, keys) and ``.db`` (host, port, role, password)."""
+    local_stack.start_database()
+    local_stack.start_tracking()
+    return local_stack

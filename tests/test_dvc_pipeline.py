@@ -1,4 +1,5 @@
-"""`dvc repro` runs every step on a tiny dataset and registers a servable adapter."""
+"""`dvc repro` runs every step on a tiny dataset and registers a servable adapter, tracking into the
+production stack (MLflow on PostgreSQL, artifacts in a SeaweedFS bucket: ``production_stack``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 from dvpt_core.data.dataset import CachedSplit
 from dvpt_core.peft.adapter import load_adapter
 from tests.helpers import TINY, params_tree
+from tests.stack_helpers import assert_no_credential_leaks, assert_registered_into_the_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,12 @@ def _find(tree: object, key: str) -> list:
 
 
 @pytest.mark.slow
-def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp_path, mlflow_server) -> None:
+def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp_path, production_stack,
+                                                                            monkeypatch) -> None:
+    mlflow_server = production_stack.tracking_uri
+    # The steps hold S3 credentials as a user with a DVC S3 remote does; none may reach MLflow.
+    for key, value in production_stack.s3.environment().items():
+        monkeypatch.setenv(key, value)
     params = dvc_params([*TINY, f"tracking.tracking_uri={mlflow_server}", "tracking.registered_model=dvc-tiny"])
     project = dvc_project(tmp_path / "project", params)
     repro = _dvc(project, "repro")
@@ -107,6 +114,9 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     names = json.loads((project / "outputs/train/adapter/adapter.json").read_text())["class_names"]
     probabilities = np.array([[row[c] for c in names] for row in served["probabilities"]])
     np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
+    # Before the experiment below replaces outputs/ with its own (unregistered) results.
+    assert_registered_into_the_stack(production_stack, "dvc-tiny", "challenger", project / "outputs/train/adapter",
+                                     project / "outputs/export/model.onnx")
 
     again = _dvc(project, "repro")
     assert again.returncode == 0 and "Running stage" not in again.stdout
@@ -128,3 +138,6 @@ def test_dvc_repro_registers_a_challenger_and_experiments_keep_their_metrics(tmp
     assert plots.returncode == 0 and not json.loads(plots.stdout).get("errors"), plots.stdout[:2000]
     assert {"Loss", "outputs/train/history.csv", "outputs/evaluation/figures/confusion_matrix.png"} <= set(
         json.loads(plots.stdout)["data"])
+
+    assert_no_credential_leaks(production_stack, [p.stdout + p.stderr for p in (repro, again, exp)],
+                               [project / "outputs"])

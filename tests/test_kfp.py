@@ -23,6 +23,7 @@ from dvpt_core.data.synthetic.ddr import generate_ddr
 from dvpt_core.peft.adapter import load_adapter
 from pipelines.dvpt_pipeline import compile_pipeline, run_arguments, run_local, submit
 from tests.helpers import tiny_config
+from tests.stack_helpers import assert_no_credential_leaks, assert_registered_into_the_stack
 
 # Each task's upstream tasks: the data resolved then fetched, the run's configuration, the steps
 # (evaluate and export side by side after train), and the champion's batch inference in the
@@ -286,7 +287,13 @@ def test_cli_compile_prints_the_package(tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_local_run_registers_a_challenger_that_predicts_like_the_adapter(tmp_path, mlflow_server) -> None:
+def test_local_run_registers_a_challenger_that_predicts_like_the_adapter(tmp_path, production_stack, monkeypatch,
+                                                                       capfd) -> None:
+    """The whole local run tracking into the production stack (MLflow on PostgreSQL, artifacts in
+    SeaweedFS), its steps holding the S3 credentials as the cluster's pods do (from a Secret)."""
+    mlflow_server = production_stack.tracking_uri
+    for key, value in production_stack.s3.environment().items():
+        monkeypatch.setenv(key, value)
     name = "kfp-tiny"
     cfg = tiny_config(f"tracking.tracking_uri={mlflow_server}", f"tracking.registered_model={name}",
                       "tracking.experiment=kfp-tests")
@@ -324,6 +331,11 @@ def test_local_run_registers_a_challenger_that_predicts_like_the_adapter(tmp_pat
     probabilities = np.array([[row[c] for c in cfg.data.class_names] for row in served["probabilities"]])
     np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
 
+    assert_registered_into_the_stack(production_stack, name, "challenger", run_dir / "train/model/adapter",
+                                     run_dir / "export/onnx_model/model.onnx")
+    printed = capfd.readouterr()
+    assert "register" in printed.out + printed.err  # the tasks' logs were captured
+    assert_no_credential_leaks(production_stack, [printed.out, printed.err], [tmp_path / "kfp"])
 
 def test_local_run_stops_at_validation_on_a_corrupt_image(tmp_path) -> None:
     cfg = tiny_config("tracking.tracking_uri=sqlite:///unused.db")
