@@ -87,6 +87,7 @@ def _kill_one_process_after_an_epoch(command: list[str], out: Path) -> tuple[int
     return agent.returncode, time.monotonic() - killed, log.read_text()
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_does_and_resume_together(prepared, tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     one = tmp_path / "one"
