@@ -1,12 +1,12 @@
-"""Credentials inside URIs: masked wherever a URI is shown or stored, stripped where it is shipped.
+"""Credentials inside URIs: masked wherever a URI is shown or stored.
 
 MLflow, databases and object stores accept credentials inside a URI (``http://user:pass@host``,
 ``postgresql://user:pass@db/mlflow``) or in its query (``?token=...``, a presigned URL's
 ``X-Amz-Signature``). Such a URI must reach neither stdout, logs, run files, MLflow params nor a
 compiled pipeline: :func:`mask_uri` and :func:`mask_text` replace the secret parts with ``***``
-for people to read, and :func:`strip_credentials` drops them from a URI that must still work,
-its credentials then coming from the environment (MLflow reads ``MLFLOW_TRACKING_USERNAME``,
-``MLFLOW_TRACKING_PASSWORD`` and ``MLFLOW_TRACKING_TOKEN``) or a secret store.
+for people to read. Machines that must use credentials take them from their environment (MLflow
+reads ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD`` and ``MLFLOW_TRACKING_TOKEN``; a
+Kubeflow pod gets them from a Secret), never from a URI that was shipped to them.
 
 Hand-written on ``urllib.parse``: a URI is rewritten only where it holds a secret, and otherwise
 left byte for byte as written (re-encoding it would change what a user recognises).
@@ -30,22 +30,6 @@ URI_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 
 def mask_uri(uri: str) -> str:
     """``uri`` with the password of its user info and every secret query value replaced by ``***``."""
-    return _rewrite(uri, keep_user=True, keep_secrets=False)
-
-
-def strip_credentials(uri: str) -> str:
-    """``uri`` without its user info and without secret query parameters: what may be shipped
-    to a machine that takes the credentials from its environment instead."""
-    return _rewrite(uri, keep_user=False, keep_secrets=None)
-
-
-def mask_text(text: str) -> str:
-    """``text`` with every URI in it masked (:func:`mask_uri`): for messages, logs and printed results."""
-    return URI_IN_TEXT.sub(lambda match: mask_uri(match.group(0)), text)
-
-
-def _rewrite(uri: str, *, keep_user: bool, keep_secrets: bool | None) -> str:
-    """``keep_secrets``: False masks secret query values, None drops those parameters."""
     try:
         parts = urlsplit(uri)
     except ValueError:  # e.g. an unbalanced IPv6 bracket: not a URI we can take apart
@@ -54,25 +38,23 @@ def _rewrite(uri: str, *, keep_user: bool, keep_secrets: bool | None) -> str:
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         user, has_password, _ = userinfo.partition(":")
-        if not keep_user:
-            netloc = host
-        elif has_password:
+        if has_password:
             netloc = f"{user}:{MASK}@{host}"
-    query = _rewrite_query(parts.query, keep_secrets)
+    query = _mask_query(parts.query)
     if (netloc, query) == (parts.netloc, parts.query):
         return uri
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def _rewrite_query(query: str, keep_secrets: bool | None) -> str:
-    kept = []
-    for item in query.split("&") if query else []:
-        name, has_value, _ = item.partition("=")
-        if not SECRET_QUERY_NAME.search(name):
-            kept.append(item)
-        elif keep_secrets is False:
-            kept.append(f"{name}={MASK}" if has_value else item)
-    return "&".join(kept)
+def mask_text(text: str) -> str:
+    """``text`` with every URI in it masked (:func:`mask_uri`): for messages, logs and printed results."""
+    return URI_IN_TEXT.sub(lambda match: mask_uri(match.group(0)), text)
+
+
+def _mask_query(query: str) -> str:
+    items = query.split("&") if query else []
+    return "&".join(f"{name}={MASK}" if has_value and SECRET_QUERY_NAME.search(name) else item
+                    for item in items for name, has_value, _ in [item.partition("=")])
 
 
 class MaskSecrets(logging.Filter):

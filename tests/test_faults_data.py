@@ -46,7 +46,7 @@ from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import (
     AdapterError, config_for_adapter, load_adapter, read_adapter_config, save_adapter, verify_adapter,
 )
-from dvpt_core.secrets import MaskSecrets, mask_uri, strip_credentials
+from dvpt_core.secrets import MaskSecrets, mask_uri
 from dvpt_core.steps.preprocess import NotValidatedError, inputs_hash, preprocess
 from dvpt_core.steps.validate import DataValidationError, validate
 from dvpt_core.storage import StorageError, open_reserved_memmap
@@ -496,18 +496,17 @@ def test_an_unreadable_mask_is_named_by_its_reader(tmp_path: Path) -> None:
 # --- 8. secrets --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("uri", "masked", "stripped"), [
-    ("http://alice:s3cret@mlflow:5000", "http://alice:***@mlflow:5000", "http://mlflow:5000"),
-    ("https://mlflow.example.com/?token=abc&x=1", "https://mlflow.example.com/?token=***&x=1",
-     "https://mlflow.example.com/?x=1"),
-    ("postgresql://mlflow:p%40ss@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow", "postgresql://db:5432/mlflow"),
-    ("https://s3/b/k?X-Amz-Credential=AK&X-Amz-Signature=f00", "https://s3/b/k?X-Amz-Credential=***&X-Amz-Signature=***",
-     "https://s3/b/k"),
-    ("sqlite:///mlruns.db", "sqlite:///mlruns.db", "sqlite:///mlruns.db"),
-    ("http://127.0.0.1:5000", "http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+@pytest.mark.parametrize(("uri", "masked"), [
+    ("http://alice:s3cret@mlflow:5000", "http://alice:***@mlflow:5000"),
+    ("https://mlflow.example.com/?token=abc&x=1", "https://mlflow.example.com/?token=***&x=1"),
+    ("postgresql://mlflow:p%40ss@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+    ("https://s3/b/k?X-Amz-Credential=AK&X-Amz-Signature=f00", "https://s3/b/k?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("https://h/?token&api_key=", "https://h/?token&api_key=***"),
+    ("sqlite:///mlruns.db", "sqlite:///mlruns.db"),
+    ("http://bob@127.0.0.1:5000", "http://bob@127.0.0.1:5000"),
 ])
-def test_credentials_in_uris_are_masked_and_stripped(uri: str, masked: str, stripped: str) -> None:
-    assert mask_uri(uri) == masked and strip_credentials(uri) == stripped
+def test_credentials_in_uris_are_masked(uri: str, masked: str) -> None:
+    assert mask_uri(uri) == masked
 
 
 def test_logs_and_cli_errors_mask_credentials(capsys) -> None:
@@ -529,26 +528,29 @@ def test_logs_and_cli_errors_mask_credentials(capsys) -> None:
 
 
 def test_the_compiled_pipeline_holds_no_credentials(tmp_path: Path) -> None:
+    """A tracking URI with credentials given at compile time is dropped from the package (the pods
+    read the URI from a ConfigMap and the credentials from a Secret); the log names it masked."""
     package = tmp_path / "pipeline.yaml"
     result = subprocess.run(
         [sys.executable, "-m", "dvpt_core.cli", "kfp", "compile", "--set",
-         "tracking.tracking_uri=http://alice:s3cret@mlflow.mlflow.svc:5000/?token=abc", "--out", str(package),
-         "--tracking-secret", "mlflow-auth"],
+         "tracking.tracking_uri=http://alice:s3cret@mlflow.mlflow.svc:5000/?token=abc", "--out", str(package)],
         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     compiled = package.read_text()
     for secret in ("s3cret", "token=abc", "alice"):
         assert secret not in compiled and secret not in result.stdout + result.stderr.replace("alice:***", "")
-    assert "http://alice:***@mlflow.mlflow.svc:5000/?token=***" in result.stderr  # the warning says what was dropped
+    assert "mlflow.mlflow.svc" not in compiled
+    assert "http://alice:***@mlflow.mlflow.svc:5000/?token=***" in result.stderr  # the log says what was dropped
     spec, platform = yaml.safe_load_all(compiled)
     config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"])
-    assert config["tracking"]["tracking_uri"] == "http://mlflow.mlflow.svc:5000/"
+    assert config["tracking"]["tracking_uri"] is None
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    with_secret = {name: {e["envVar"] for s in spec["secretAsEnv"] if s["secretName"] == "mlflow-auth"
+    with_secret = {name: {e["envVar"] for s in spec["secretAsEnv"] if s["secretName"] == "dvpt-mlflow-credentials"
                           for e in s["keyToEnv"]} for name, spec in executors.items() if "secretAsEnv" in spec}
-    assert with_secret == dict.fromkeys(["exec-train", "exec-evaluate", "exec-register"], {
-        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"})
+    with_secret = {name: keys for name, keys in with_secret.items() if keys}
+    assert {"exec-train", "exec-evaluate", "exec-register", "exec-promote"} <= set(with_secret)
+    assert all(keys == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} for keys in with_secret.values())
 
 
 # --- 9. one line, exit 2, traceback with --debug ---------------------------------------------------
