@@ -39,8 +39,12 @@ pipeline: data
 	@echo "--- registered adapter (outputs/registry/registered.json) ---"
 	@cat outputs/registry/registered.json
 
+# Two workers (pytest-xdist), one test module per worker at a time (tests/conftest.py groups them),
+# one intra-op thread each: on 2 cores the subprocess start-ups and servers of one worker overlap
+# the other's training. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # MODULE: one module (minutes); RETEST=1: only the survivors of its last run (after adding tests).
 MODULE ?=

@@ -34,6 +34,7 @@ No ``from __future__ import annotations``: ``dsl.pipeline`` reads the pipeline f
 annotations as real types.
 """
 
+import builtins
 import contextlib
 import json
 import logging
@@ -252,11 +253,23 @@ def local_session(pipeline_root: Path, cfg: ExperimentConfig) -> Iterator[None]:
     # kfp.local prints its own and every task's logs to stdout; stdout is for the result (the CLI
     # prints it as JSON), so they go to stderr.
     with _environment(MLFLOW_TRACKING_URI=cfg.tracking.resolved_uri()), warnings.catch_warnings(), \
-            contextlib.redirect_stdout(sys.stderr):
+            contextlib.redirect_stdout(sys.stderr), _print_restored():
         # kfp.local warns for any image whose name lacks "python": here the tasks run in this
         # environment, never in the image, so the warning says nothing about this run.
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
         yield
+
+
+@contextlib.contextmanager
+def _print_restored() -> Iterator[None]:
+    """``builtins.print`` as it was before the block. kfp.local indents task logs by swapping
+    ``builtins.print`` (``logging_utils.indented_print``); tasks that run in parallel threads (a
+    ParallelFor) restore each other's swap, leaving every later print of the process indented."""
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original
 
 
 @contextlib.contextmanager

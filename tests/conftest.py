@@ -14,6 +14,7 @@ it). ``seaweedfs`` is its S3 store alone, for tests that need no tracking server
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,10 +23,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from infra.local_stack import LocalStack, S3Store, free_port, http_ok, stop_process_group
 
 STARTUP_TIMEOUT_S = 120
+SHARED_SERVER = "mlflow_server"
+# Modules that share a costly session fixture: the trained registry runs; the production stack.
+SHARED_GROUPS = {
+    "registry": {"test_serving", "test_promotion"},
+    "stack": {"test_dvc_pipeline", "test_kfp", "test_dvc_remote"},
+}
+# Rough wall time of each heavy group (seconds, one worker), to schedule the longest first.
+GROUP_WEIGHT = {"stack": 600, "test_segmentation_pipeline": 500, "test_faults": 450, "registry": 400,
+                "test_compare": 330, "test_faults_data": 200, "test_distributed": 150}
 
 
 class LocalMlflowServer:
@@ -71,14 +82,53 @@ class LocalMlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Yields the tracking URI (``http://127.0.0.1:<port>``) of a fresh server; its log is
-    ``server.log`` beside its database, and its tail is in the failure message if it dies."""
-    server = LocalMlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
-    try:
-        yield server.uri
-    finally:
-        server.stop()
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tracking URI (``http://127.0.0.1:<port>``) of one server for the whole test run: the
+    first process of the run that asks starts it (under a lock, so parallel workers share it) and
+    the session's end stops it (:func:`pytest_sessionfinish`). Its log is ``server.log`` beside
+    its database, and its tail is in the failure message if it dies."""
+    shared = run_dir(tmp_path_factory)
+    with FileLock(shared / f"{SHARED_SERVER}.lock"):
+        record = shared / f"{SHARED_SERVER}.json"
+        if record.is_file():
+            return json.loads(record.read_text())["uri"]
+        server = LocalMlflowServer(shared / SHARED_SERVER).start()
+        record.write_text(json.dumps({"uri": server.uri, "pid": server.process.pid}))
+        return server.uri
+
+
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder every process of this test run shares: pytest's base temporary folder, whose
+    subfolders are the parallel workers' own (pytest-xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the shared server where the run ends: in the only process, or in the controller once
+    every worker has finished."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    record = session.config._tmp_path_factory.getbasetemp() / f"{SHARED_SERVER}.json"
+    if record.is_file():
+        stop_process_group(json.loads(record.read_text())["pid"])
+        record.unlink()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) a test module runs
+    on one worker, so its module fixtures are built once; modules that share a session fixture
+    built by training or by starting services share a group, and the heaviest groups start first
+    so that neither worker is left with a long tail."""
+    for item in items:
+        module = item.path.stem
+        group = next((name for name, modules in SHARED_GROUPS.items() if module in modules), module)
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: -GROUP_WEIGHT.get(_group(item), 0))
+
+
+def _group(item: pytest.Item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
 
 
 @pytest.fixture(scope="session")

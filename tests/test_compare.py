@@ -3,6 +3,7 @@ fan-out / fan-in pipeline, and a whole local run against a real MLflow server.""
 
 from __future__ import annotations
 
+import builtins
 import json
 import statistics
 from pathlib import Path
@@ -154,8 +155,11 @@ def test_local_comparison_reports_every_cell_and_logs_the_report(tmp_path, mlflo
     generate_ddr(data, cfg.synthetic, cfg.data.class_names)
     grid = expand_grid(["linear", "dvpt"], [0], [0.5, 1.0])
 
+    print_before = builtins.print
     result = run_compare_local(cfg, grid, data, tmp_path / "kfp")
 
+    # Cells ran in parallel threads, whose kfp log indentation swaps builtins.print: it is restored.
+    assert builtins.print is print_before
     assert result["cells"] == 4 and result["random_weights"] is True
     assert {r["method"] for r in result["ranking"]} == {"linear", "dvpt"}
     page = Path(result["report"]).read_text()
