@@ -28,6 +28,8 @@ TINY = [
     "synthetic.valid=8",
     "synthetic.test=8",
     "synthetic.image_size=48",
+    # The legacy exporter: ten times faster; tests/test_export.py and test_segformer.py cover dynamo.
+    "export.exporter=torchscript",
 ]
 
 

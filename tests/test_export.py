@@ -31,9 +31,9 @@ def cache(tmp_path_factory):
     return root / "cache"
 
 
-@pytest.mark.parametrize("method", ["dvpt", "lora"])
-def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method) -> None:
-    cfg = tiny_config(SHALLOW, f"model.method={method}", "model.gate_init=0.5")
+@pytest.mark.parametrize(("method", "exporter"), [("dvpt", "dynamo"), ("lora", "dynamo"), ("dvpt", "torchscript")])
+def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method, exporter) -> None:
+    cfg = tiny_config(SHALLOW, f"model.method={method}", "model.gate_init=0.5", f"export.exporter={exporter}")
     model = build_model(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
