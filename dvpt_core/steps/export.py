@@ -41,7 +41,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     """The graph with a dynamic batch axis, checked, written to a temp file then renamed.
 
     ``exporter``: ``dynamo`` (torch.export, the maintained exporter) or ``torchscript`` (the
-    legacy tracer: the same graph for these models in a tenth of the time, a deprecated path).
+    legacy tracer: the same graph for these models in a tenth of the time, a deprecated path; a
+    model with an operator it lacks, EVP's FFT, is exported with dynamo, with a warning).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
@@ -54,10 +55,14 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
             torch.onnx.export(model.eval(), (example,), tmp, dynamo=True, dynamic_shapes=({0: batch},),
                               external_data=False, **common)
         else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                torch.onnx.export(model.eval(), (example,), tmp, dynamo=False, dynamic_axes={INPUT: {0: "batch"}},
-                                  **common)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", category=DeprecationWarning)
+                    torch.onnx.export(model.eval(), (example,), tmp, dynamo=False,
+                                      dynamic_axes={INPUT: {0: "batch"}}, **common)
+            except torch.onnx.errors.UnsupportedOperatorError as err:
+                log.warning("the torchscript exporter cannot export this model (%s); exporting with dynamo", err)
+                return export_onnx(model, example, path, opset, "dynamo")
         onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
     finally:
