@@ -95,7 +95,7 @@ class Scale:
 
 
 @dataclass(frozen=True)
-class Task:
+class Benchmark:
     """One task's benchmark: the small backbone pre-trained on its source task and adapted, the
     settings every cell shares, per-method overrides, the synthetic target and the two scales."""
 
@@ -117,7 +117,7 @@ class Task:
 # that count between a training image and its label (measured: with the default crop scale
 # (0.8, 1) a linear probe's validation accuracy fell as it trained); flips keep it, so only flips.
 NO_CROP = "train.crop_scale=[1.0, 1.0]"
-CLASSIFICATION = Task(
+CLASSIFICATION = Benchmark(
     # The small ViT every default run pre-trains and adapts; a real backbone replaces these three.
     backbone=["model.backbone=vit_tiny_r_s16_p8_224", "model.backbone_kwargs={patch_size: 2, depth: 6}",
               "model.image_size=64"],
@@ -143,7 +143,7 @@ CLASSIFICATION = Task(
 
 # Every method that applies to SegFormer (shallow VPT does not: MiT has no single token sequence).
 SEGFORMER_METHODS = ["linear", "full", "vpt_deep", "ssf", "adaptformer", "lora", "evp", "dvpt"]
-SEGMENTATION = Task(
+SEGMENTATION = Benchmark(
     # MiT-B0's layout shrunk to widths 16-128 with two blocks per stage (so that DVPT's sharing by
     # s = 2 blocks means something), 64 px: stages of 16x16, 8x8, 4x4 and 2x2 tokens.
     backbone=["model.backbone=nvidia/segformer-b0-finetuned-ade-512-512",
@@ -160,14 +160,14 @@ SEGMENTATION = Task(
     method_overrides={"linear": ["train.lr=0.03"], "full": ["train.lr=0.001"]},
     target_format="kvasir", target_settings=["synthetic.image_size=80", "synthetic.seed=1"],
     target_name="the synthetic Kvasir-style polyp target",
-    default=Scale(source={"train": 1200, "valid": 120, "test": 120}, pretrain_epochs=10,
+    default=Scale(source={"train": 1600, "valid": 160, "test": 160}, pretrain_epochs=12,
                   target={"seg_images": 250}, epochs=6, min_steps=40,
                   methods=SEGFORMER_METHODS, seeds=DEFAULT_SEEDS, ratios=DEFAULT_RATIOS),
     quick=Scale(source={"train": 64, "valid": 16, "test": 16}, pretrain_epochs=1,
                 target={"seg_images": 40}, epochs=1, min_steps=2,
                 methods=["dvpt"], seeds=[0], ratios=[0.4]),
 )
-TASKS = {"classification": CLASSIFICATION, "segmentation": SEGMENTATION}
+BENCHMARKS = {"classification": CLASSIFICATION, "segmentation": SEGMENTATION}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     start = time.perf_counter()
-    bench = TASKS[args.task]
+    bench = BENCHMARKS[args.task]
     scale = bench.quick if args.quick else bench.default
     scale = replace(scale, methods=args.methods or scale.methods, seeds=args.seeds or scale.seeds,
                     ratios=args.ratios or scale.ratios)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=list(TASKS), default="classification",
+    parser.add_argument("--task", choices=list(BENCHMARKS), default="classification",
                         help="classification: a small ViT on DR grading; segmentation: a small SegFormer on polyps")
     parser.add_argument("--quick", action="store_true", help="a smoke grid with tiny data (minutes)")
     parser.add_argument("--backbone", help="a backbone to adapt instead of the self-pre-trained small one: a timm "
@@ -256,7 +256,7 @@ def _tracking(out: Path) -> str:
     return uri
 
 
-def _backbone_settings(args: argparse.Namespace, bench: Task, scale: Scale) -> list[str]:
+def _backbone_settings(args: argparse.Namespace, bench: Benchmark, scale: Scale) -> list[str]:
     """The model settings every cell starts from: a named backbone (real weights), a given file
     for the default architecture, or the default architecture pre-trained here (cached)."""
     if args.backbone:
@@ -268,7 +268,7 @@ def _backbone_settings(args: argparse.Namespace, bench: Task, scale: Scale) -> l
     return [*bench.backbone, "model.weights=stand-in", f"model.weights_file={pretrain(bench, scale)}"]
 
 
-def pretrain(bench: Task, scale: Scale) -> Path:
+def pretrain(bench: Benchmark, scale: Scale) -> Path:
     """The default backbone pre-trained on its source task (classification for a ViT, segmentation
     for a SegFormer) by the product's own pretrain step, cached under ``benchmarks/results/cache``
     by its settings."""
@@ -284,7 +284,7 @@ def pretrain(bench: Task, scale: Scale) -> Path:
     return out / BACKBONE_FILE
 
 
-def _target_data(root: Path, bench: Task, scale: Scale) -> Path:
+def _target_data(root: Path, bench: Benchmark, scale: Scale) -> Path:
     """The task's built-in synthetic dataset (``dvpt generate-data``'s generator, in the real
     dataset's layout) with the benchmark's own seed and sizes."""
     from dvpt_core.data.synthetic import generate_dataset
