@@ -234,9 +234,9 @@ class ModelConfig(_Strict):
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
     # "pretrained": timm's hub weights, or ``weights_file`` when given (no network needed); for
     # SegFormer, ``backbone`` names a hub model, a local save_pretrained folder or a cached model.
-    # "stand-in": the architecture pre-trained here on the synthetic source task by the pretrain
-    # step (``dvpt pretrain``), read from ``weights_file``; a stand-in for a foundation model where
-    # none can be downloaded, and every output says so.
+    # "stand-in": the architecture pre-trained here on a synthetic source task by the pretrain
+    # step (``dvpt pretrain``; SegFormer on a segmentation one), read from ``weights_file``; a
+    # stand-in for a foundation model where none can be downloaded, and every output says so.
     # "random": random initialisation, for tests and smoke runs only; every output says so.
     weights: Literal["pretrained", "stand-in", "random"] = "pretrained"
     # Checked when the backbone is built, not here: the pretrain step may not have written it yet.
@@ -289,9 +289,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_file_is_for_timm(self) -> "ModelConfig":
-        if self.resolved_family == "segformer" and self.weights_file is not None:
+        if self.resolved_family == "segformer" and self.weights_file is not None and self.weights != "stand-in":
             raise ValueError(
-                "model.weights_file is a timm checkpoint file; for SegFormer give a save_pretrained "
+                "model.weights_file is a timm checkpoint file, or for SegFormer only the pretrain step's "
+                "stand-in (model.weights=stand-in); for pretrained SegFormer weights give a save_pretrained "
                 f"folder (or a hub name) as model.backbone instead (got model.backbone={self.backbone!r})"
             )
         return self
@@ -347,10 +348,12 @@ class TrainConfig(_Strict):
 
 class PretrainConfig(_Strict):
     """The stand-in foundation model (``model.weights=stand-in``): ``model``'s architecture
-    (backbone, backbone_kwargs, image_size) trained from scratch (initialised with ``seed``), fully, on the
-    synthetic SOURCE task (``dvpt_core.data.synthetic.source``: coloured dots on cluttered scenes,
-    8 classes; a different domain and task from the target). Sizes are images per class-balanced
-    split; the optimisation mirrors ``train``'s. Deterministic for given settings, so the step's
+    (backbone, backbone_kwargs, image_size) trained from scratch (initialised with ``seed``), fully, on a
+    synthetic SOURCE task (a different domain and task from the target): for timm classifiers
+    ``dvpt_core.data.synthetic.source`` (coloured dots on cluttered scenes, 8 classes), for SegFormer
+    ``dvpt_core.data.synthetic.source_segmentation`` (discs, squares and triangles on the same
+    scenes, 4 classes with the background). Sizes are images per split (class-balanced for
+    classification); the optimisation mirrors ``train``'s. Deterministic for given settings, so the step's
     output is cached by them (DVC's run cache, the KFP cache, and the step's own key)."""
 
     train: int = Field(default=1200, ge=8)

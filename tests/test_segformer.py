@@ -80,6 +80,51 @@ def test_a_weights_file_is_refused_for_segformer(tmp_path) -> None:
         load_config(None, [*TINY_SEGFORMER, f"model.weights_file={tmp_path / 'w.safetensors'}"])
 
 
+def test_source_segmentation_scenes_label_every_shape_where_it_is_drawn() -> None:
+    from dvpt_core.data.synthetic.source_segmentation import CLASS_NAMES, render_split
+
+    images, masks = render_split(6, 48, 0, 0)
+    again, other = render_split(6, 48, 0, 0), render_split(6, 48, 0, 1)
+    assert np.array_equal(images, again[0]) and np.array_equal(masks, again[1])
+    assert not np.array_equal(images, other[0])
+    assert images.shape == (6, 48, 48, 3) and masks.shape == (6, 48, 48)
+    assert all(set(np.unique(mask)) == set(range(len(CLASS_NAMES))) for mask in masks)
+    # Shapes are flat fills: the image changes where the label map does, hardly inside a shape.
+    step = np.abs(np.diff(images.astype(int), axis=2)).sum(-1)
+    edge = masks[:, :, 1:] != masks[:, :, :-1]
+    inside = ~edge & (masks[:, :, 1:] > 0)
+    assert step[edge].mean() > 5 * step[inside].mean()
+
+
+def test_a_segformer_stand_in_is_pre_trained_on_segmentation_and_loads_loudly(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from dvpt_core.models.segformer import SOURCE_CLASSIFIER
+    from dvpt_core.steps.pretrain import BACKBONE_FILE, pretrain
+
+    sizes = ["pretrain.train=8", "pretrain.valid=8", "pretrain.test=8", "pretrain.epochs=1", "pretrain.batch_size=8"]
+    summary = pretrain(tiny_segformer_config(*sizes), tmp_path)
+    assert summary["source_task"] == "segmentation" and 0.0 <= summary["source_test_dice"] <= 1.0
+    assert {"val_loss", "val_iou", "val_dice"} <= summary["history"][0].keys()
+    saved = load_file(str(tmp_path / BACKBONE_FILE))
+
+    cfg = tiny_segformer_config(*sizes, "model.weights=stand-in", f"model.weights_file={tmp_path / BACKBONE_FILE}")
+    backbone, info = create_backbone(cfg.model)
+    assert info.stand_in and info.weights_label == "STAND-IN WEIGHTS" and info.fingerprint == fingerprint(backbone)
+    state = backbone.state_dict()
+    assert set(state) - set(saved) == {k for k in state if k.startswith(SOURCE_CLASSIFIER)}
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    random, _ = create_backbone(tiny_segformer_config(*sizes).model)
+    assert not torch.equal(random.state_dict()["decode_head.linear_fuse.weight"], saved["decode_head.linear_fuse.weight"])
+    model = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"method": "dvpt"})}))
+    assert model(images()).shape == (2, 2, 64, 64)
+
+    wider = tiny_segformer_config(*sizes, "model.weights=stand-in", f"model.weights_file={tmp_path / BACKBONE_FILE}",
+                                  "model.backbone_kwargs={hidden_sizes: [8, 16, 24, 40]}")
+    with pytest.raises(ConfigError, match="does not fit"):
+        create_backbone(wider.model)
+
+
 def test_random_weights_build_the_named_variant_loudly(caplog) -> None:
     cfg = load_config(None, ["model.backbone=nvidia/segformer-b2-finetuned-ade-512-512", "model.weights=random"])
     backbone, info = create_backbone(cfg.model)

@@ -161,7 +161,9 @@ def _timm(cfg: ModelConfig) -> tuple[nn.Module, Normalisation, Normalisation, bo
 def _segformer(cfg: ModelConfig) -> tuple[nn.Module, Normalisation, Normalisation, bool]:
     """SegFormer sees any input size (overlapping convolutions, no position embedding); it has no
     contrastive projection to keep."""
-    model = segformer.random_segformer(cfg) if cfg.weights == "random" else segformer.pretrained_segformer(cfg)
+    build = {"random": segformer.random_segformer, "stand-in": segformer.stand_in_segformer,
+             "pretrained": segformer.pretrained_segformer}[cfg.weights]
+    model = build(cfg)
     mean, std = segformer.normalisation(cfg)
     return model, mean, std, False
 

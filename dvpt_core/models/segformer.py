@@ -8,7 +8,8 @@ would leave the decoder's projections random and frozen, so it is refused.
 
 A random initialisation builds the configuration in code from the MiT variant the name carries
 (``b0``..``b5``, the SegFormer paper's Table 6 widths and depths), updated with
-``model.backbone_kwargs`` (tests shrink it that way).
+``model.backbone_kwargs`` (tests shrink it that way). A stand-in (``model.weights=stand-in``) is
+that architecture with the pretrain step's weights from ``model.weights_file``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import re
 from typing import Any
 
+from safetensors.torch import load_file
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from transformers.image_processing_base import ImageProcessingMixin
 
@@ -37,6 +39,8 @@ MIT_VARIANTS: dict[str, dict[str, Any]] = {
     "b4": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 8, 27, 3], "decoder_hidden_size": 768},
     "b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3], "decoder_hidden_size": 768},
 }
+# The checkpoint's own classifier, which a stand-in's weights file does not hold.
+SOURCE_CLASSIFIER = "decode_head.classifier."
 _VARIANT = re.compile(r"(?:segformer|mit)[-_]?(b[0-5])(?![0-9])", re.IGNORECASE)
 
 
@@ -59,6 +63,25 @@ def random_segformer(cfg: ModelConfig) -> SegformerForSemanticSegmentation:
     """The configured MiT variant with random weights (the caller seeds and warns)."""
     config = SegformerConfig(**{**MIT_VARIANTS[mit_variant(cfg.backbone)], **cfg.backbone_kwargs})
     return SegformerForSemanticSegmentation(config)
+
+
+def stand_in_segformer(cfg: ModelConfig) -> SegformerForSemanticSegmentation:
+    """The configured architecture with the pretrain step's weights (``model.weights_file``): every
+    weight but the source task's classifier, which the pretrain step leaves out (every method
+    replaces it) and which keeps its seeded random initialisation here."""
+    model = random_segformer(cfg)
+    state, expected = load_file(str(cfg.weights_file)), model.state_dict()
+    wrong = [k for k, v in state.items() if k not in expected or expected[k].shape != v.shape]
+    missing = [k for k in expected if k not in state and not k.startswith(SOURCE_CLASSIFIER)]
+    if wrong or missing:
+        raise ConfigError(
+            f"model.weights_file {cfg.weights_file} does not fit model.backbone={cfg.backbone!r} with "
+            f"model.backbone_kwargs={cfg.backbone_kwargs}: {len(wrong)} weights of another shape or name "
+            f"(e.g. {wrong[:3]}), {len(missing)} missing (e.g. {missing[:3]}); pre-train it again with this "
+            "architecture (dvpt pretrain)"
+        )
+    model.load_state_dict(state, strict=False)
+    return model
 
 
 def pretrained_segformer(cfg: ModelConfig) -> SegformerForSemanticSegmentation:

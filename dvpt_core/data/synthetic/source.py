@@ -12,7 +12,8 @@ label semantics (lesion types and counts on an ordinal scale).
 
 ``render_split`` returns a split as arrays for the pretrain step; ``generate_source`` writes it in
 the ``folder`` layout (``{train,valid,test}/<class>/<id>.png``) for anyone who wants to look at it
-or run it through the other steps.
+or run it through the other steps. ``source_segmentation`` draws its scenes on the same
+backgrounds in the same colours (``background``, ``colour``).
 """
 
 from __future__ import annotations
@@ -53,29 +54,29 @@ def render(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     band = label // len(COUNTS)
     low, high = list(COUNTS.values())[label % len(COUNTS)]
     canvas = size * SUPERSAMPLE
-    image = Image.fromarray(_background(canvas, rng))
+    image = Image.fromarray(background(canvas, rng))
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(0, 3))):
         _disc(draw, rng.uniform(0, canvas, size=2), canvas * rng.uniform(0.08, 0.16),
-              _colour(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.3, 1.0)))
+              colour(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.3, 1.0)))
     for _ in range(int(rng.integers(low, high + 1))):
         hue = (band + rng.uniform(0.15, 0.85)) / len(HUE_BANDS)
         _disc(draw, rng.uniform(0, canvas, size=2), canvas * rng.uniform(0.02, 0.04),
-              _colour(hue, rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)))
+              colour(hue, rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)))
     return image.reduce(SUPERSAMPLE)
 
 
-def _colour(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
+def colour(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb(hue % 1.0, saturation, value)
     return round(255 * r), round(255 * g), round(255 * b)
 
 
-def _background(canvas: int, rng: np.random.Generator) -> np.ndarray:
+def background(canvas: int, rng: np.random.Generator) -> np.ndarray:
     """A random muted colour with a linear brightness ramp in a random direction and faint noise."""
     axis = np.linspace(-1, 1, canvas, dtype=np.float32)
     angle = rng.uniform(0, 2 * math.pi)
     ramp = math.cos(angle) * axis[None, :] + math.sin(angle) * axis[:, None]
-    base = np.asarray(_colour(rng.random(), rng.uniform(0.1, 0.6), rng.uniform(0.3, 0.9)), dtype=np.float32)
+    base = np.asarray(colour(rng.random(), rng.uniform(0.1, 0.6), rng.uniform(0.3, 0.9)), dtype=np.float32)
     rgb = base * (1 + 0.25 * ramp[..., None]) + rng.normal(0, 6, size=(canvas, canvas, 3))
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
