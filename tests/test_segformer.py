@@ -350,6 +350,43 @@ def test_evp_prompts_reach_every_block_of_every_stage() -> None:
     assert len(seen) == 7 and not torch.allclose(seen[0], tokens)
 
 
+def test_evp_segformer_stages_follow_the_equations() -> None:
+    """Stage k: H_k = LN(conv(H_{k-1})) with the stage's own kernel and stride, padded k // 2,
+    H_0 the numpy high-pass of the image; F_k = H_k + Linear(E_k), E_k the stage's frozen patch
+    embedding; block i reads E + shared_k(GELU(lightweight_{k,i}(F_k))). In float64, against Hugging
+    Face's frozen stages run by hand."""
+    cfg = tiny_segformer_config("model.method=evp", "model.evp.frequency_ratio=0.2")
+    model = build_model(cfg).eval().double()
+    perturb_trainable(model)
+    plain = create_backbone(cfg.model)[0].double()
+    evp, x = model.evp, images(2).double()
+    spectrum = np.fft.fftshift(np.fft.fft2(x.numpy(), norm="forward"), axes=(-2, -1))
+    spectrum[..., 32 - 14 : 32 + 14, 32 - 14 : 32 + 14] = 0  # half = sqrt(64 * 64 * 0.2) // 2 = 28.6 // 2
+    hand = torch.from_numpy(np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum, axes=(-2, -1)), norm="forward").real))
+    expected, maps = [], x
+    with torch.no_grad():
+        for k, stage in enumerate(plain.segformer.stages):
+            conv, generator = stage.patch_embeddings.proj, evp.handcrafted[k]
+            assert (conv.kernel_size[0], conv.stride[0]) == [(7, 4), (3, 2), (3, 2), (3, 2)][k]
+            hand = F.conv2d(hand, generator.proj.weight, generator.proj.bias, stride=conv.stride, padding=conv.kernel_size[0] // 2)
+            norm = generator.norm
+            hand = F.layer_norm(hand.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2)
+            tokens, height, width = stage.patch_embeddings(maps)
+            embedding = evp.embedding[k]
+            feature = hand.flatten(2).transpose(1, 2) + F.linear(tokens, embedding.weight, embedding.bias)
+            shared = evp.shared[k]
+            for i, block in enumerate(stage.blocks):
+                light = evp.lightweight[k][i][0]
+                prompt = F.linear(F.gelu(F.linear(feature, light.weight, light.bias)), shared.weight, shared.bias)
+                tokens = block(tokens + prompt, height, width)
+            maps = stage.layer_norm(tokens).transpose(1, 2).reshape(2, -1, height, width)
+            expected.append(maps)
+        got = model.encode(x)
+    assert [g.proj.out_channels for g in evp.handcrafted] == [2, 4, 6, 8]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-9, rtol=1e-9)
+
+
 # --- Table 2: SegFormer-B4, 2 classes ---------------------------------------------------------
 
 B4 = ["model.backbone=nvidia/segformer-b4-finetuned-ade-512-512", "model.weights=random", "model.image_size=512",
