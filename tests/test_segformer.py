@@ -332,6 +332,13 @@ def test_fft_highpass_matches_numpy() -> None:
     np.testing.assert_allclose(fft_highpass(x, 0.25).numpy(), expected, atol=1e-12)
     flat = torch.ones(1, 1, 20, 20, dtype=torch.float64)
     assert float(fft_highpass(flat, 0.25).abs().max()) < 1e-12  # a constant image has no high frequencies
+    # Odd sides, where fftshift and ifftshift differ: each axis is shifted and shifted back.
+    x = torch.randn(2, 3, 21, 19, dtype=torch.float64)
+    spectrum = np.fft.fftshift(np.fft.fft2(x.numpy(), norm="forward"), axes=(-2, -1))
+    half = int(math.sqrt(21 * 19 * 0.25) // 2)  # 4: rows 6-13 and columns 5-12 removed
+    spectrum[..., 10 - half : 10 + half, 9 - half : 9 + half] = 0
+    expected = np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum, axes=(-2, -1)), norm="forward").real)
+    np.testing.assert_allclose(fft_highpass(x, 0.25).numpy(), expected, atol=1e-12)
 
 
 def test_evp_prompts_reach_every_block_of_every_stage() -> None:
