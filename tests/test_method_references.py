@@ -520,10 +520,13 @@ def evp_feature(evp: nn.Module, stage: int, handcrafted: torch.Tensor, tokens: t
     return handcrafted + F.linear(tokens, embedding.weight, embedding.bias)
 
 
-def test_evp_vit_adds_explicit_prompts_to_every_blocks_patch_tokens() -> None:
+@pytest.mark.parametrize("backbone", ["cls token", "CLIP"])
+def test_evp_vit_adds_explicit_prompts_to_every_blocks_patch_tokens(backbone: str) -> None:
     """H = conv_{p x p / p}(F_hfc) (no padding, no norm), F = H + Linear(E) with E the frozen
-    patch embedding, block l reads [cls, patches + P_l]."""
-    cfg, model, plain, images = build("model.method=evp", *VIT, "model.evp.frequency_ratio=0.3")
+    patch embedding, block l reads [cls, patches + P_l]; CLIP's frozen projection comes once,
+    before the classifier."""
+    arch = {"cls token": VIT, "CLIP": CLIP}[backbone]
+    cfg, model, plain, images = build("model.method=evp", *arch, "model.evp.frequency_ratio=0.3")
     ref, evp = ReferenceViT(plain), model.evp
     conv, patch = evp.handcrafted[0].proj, plain.patch_embed.proj
     with torch.no_grad():
@@ -531,10 +534,13 @@ def test_evp_vit_adds_explicit_prompts_to_every_blocks_patch_tokens() -> None:
         tokens = F.conv2d(images, patch.weight, patch.bias, stride=16).flatten(2).transpose(1, 2)
         feature = evp_feature(evp, 0, handcrafted, tokens)
         x = ref.norm("norm_pre", ref.embed(images))
-        for l in range(5):
+        for l in range(len(plain.blocks)):
             x = ref.block(l, torch.cat([x[:, :1], x[:, 1:] + evp_prompt(evp, 0, l, feature)], dim=1))
-        expected = logits(model, ref.pool(x))
-    assert evp.handcrafted[0].proj.out_channels == 192 // 4 and len(evp.lightweight[0]) == 5
+        pooled = ref.pool(x)
+        if backbone == "CLIP":
+            pooled = F.linear(pooled, plain.head.weight, plain.head.bias)
+        expected = logits(model, pooled)
+    assert evp.handcrafted[0].proj.out_channels == plain.embed_dim // 4 and len(evp.lightweight[0]) == len(plain.blocks)
     assert_matches(model, images, expected)
 
 
@@ -570,6 +576,9 @@ def test_evp_swin_refuses_an_image_size_its_maps_cannot_follow() -> None:
     from dvpt_core.config import ConfigError
 
     build_model(tiny_config("model.method=evp", *SWIN[:2], "model.image_size=72"))
+    # A one-block last stage: each stage's size is read from its first block.
+    build_model(tiny_config("model.method=evp", SWIN[0], "model.image_size=64",
+                            "model.backbone_kwargs={embed_dim: 16, depths: [2, 2, 2, 1], num_heads: [1, 2, 2, 4]}"))
     with pytest.raises(ConfigError, match=r"EVP's handcrafted maps \[\(17, 17\), \(9, 9\), \(5, 5\), \(3, 3\)\] do not "
                                           r"match Swin's stages \[\(16, 16\), \(8, 8\), \(4, 4\), \(2, 2\)\] at "
                                           r"model.image_size=66; use a multiple of 32"):
