@@ -5,6 +5,7 @@ against an independent computation."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import nibabel
@@ -359,3 +360,21 @@ def test_loss_is_half_cross_entropy_plus_half_batch_dice() -> None:
     assert torch.allclose(grad, torch.autograd.grad(expected, logits)[0], atol=1e-7)
     with pytest.raises(ValueError, match="target shape"):
         segmentation_loss()(logits, target[:, :4])
+
+
+def test_loss_takes_two_classes_and_refuses_fewer_or_unbatched_logits() -> None:
+    """C = 2 (background and one structure) is the smallest task; one channel or a map without a
+    batch axis is refused, naming the shape."""
+    logits, target = torch.zeros(2, 2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, 0, 0] = 1
+    # Uniform logits: cross-entropy log 2; Dice per class from p = 1/2 everywhere (32 pixels, 1 of class 1).
+    dice = [(2 * 0.5 * 31 + 1e-5) / (32 * 0.25 + 31 + 1e-5), (2 * 0.5 * 1 + 1e-5) / (32 * 0.25 + 1 + 1e-5)]
+    expected = 0.5 * math.log(2) + 0.5 * (1 - sum(dice) / 2)
+    assert segmentation_loss()(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"expected N x C x H x W logits with C >= 2 \(background included\), got \(2, 1, 4, 4\)"):
+        segmentation_loss()(torch.zeros(2, 1, 4, 4), target)
+    with pytest.raises(ValueError, match=r"got \(2, 4, 4\)"):
+        segmentation_loss()(torch.zeros(2, 4, 4), target)
+    with pytest.raises(ValueError, match=r"target shape \(2, 4, 3\) does not match logits \(2, 2, 4, 4\) "
+                                         r"\(expected N x H x W class indices\)"):
+        segmentation_loss()(logits, target[..., :3])
