@@ -219,8 +219,29 @@ def test_modules_are_shared_by_s_blocks_within_a_stage() -> None:
 
 
 def test_too_many_prompts_for_the_last_stage_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"model.segformer.prompts=5 exceeds the 4 tokens"):
+    """At 64x64 the last stage has 2x2 tokens: 4 prompts fit, 5 do not."""
+    assert len(build_model(tiny_segformer_config("model.method=dvpt", "model.segformer.prompts=4")).prompts) == 7
+    with pytest.raises(ConfigError, match=r"model.segformer.prompts=5 exceeds the 4 tokens of the last SegFormer stage "
+                                          r"\(2x2\) at model.image_size=64; use fewer prompts or larger images"):
         build_model(tiny_segformer_config("model.method=dvpt", "model.segformer.prompts=5"))
+
+
+def test_dvpt_segformer_initialisation_follows_the_settings() -> None:
+    """Every gate (prompt cross-attention, block and decoder modules) at ``gate_init``; prompts
+    from a normal of std ``prompt_init_std`` truncated at +-2 (absolute, as the released code);
+    decoder bottlenecks C_i -> d' -> E, the blocks' C_i -> d' -> C_i."""
+    model = build_model(tiny_segformer_config("model.method=dvpt", "model.gate_init=0.25", "model.segformer.prompts=4",
+                                              "model.segformer.hidden_dim=5"))
+    gates = [*model.prompt_gates, *(m.gate for m in model.dvpt_modules), *(m.gate for m in model.decoder_modules)]
+    assert len(gates) == 7 + 5 + 4 and all(float(g) == 0.25 for g in gates)
+    values = torch.cat([p.flatten() for p in model.prompts])
+    assert float(values.std()) == pytest.approx(0.02, rel=0.15) and float(values.abs().max()) <= 2.0
+    assert [(m.down.in_features, m.down.out_features, m.up.out_features) for m in model.decoder_modules] == [
+        (8, 5, 16), (16, 5, 16), (24, 5, 16), (32, 5, 16)]
+    assert [(m.down.in_features, m.up.out_features) for m in model.dvpt_modules] == [(8, 8), (16, 16), (24, 24), (24, 24), (32, 32)]
+    wide = build_model(tiny_segformer_config("model.method=dvpt", "model.segformer.prompt_init_std=1"))
+    wide_values = torch.cat([p.flatten() for p in wide.prompts])
+    assert float(wide_values.abs().max()) <= 2.0 and float(wide_values.std()) > 0.8
 
 
 def test_shallow_vpt_is_refused_on_segformer_with_the_reason() -> None:
