@@ -176,6 +176,8 @@ def test_score_case_checks_classes_spacing_and_shapes_and_score_images_its_lengt
     assert [row["class"] for row in one] == ["fg", "mean"] and one[0]["dice"] == scored[0].dice[0] == one[1]["dice"]
     with pytest.raises(ValueError, match=r"cases are scored over 1 classes, class_names has 2 foreground classes \(a, b\)"):
         class_table(scored, ["background", "a", "b"])
+    with pytest.raises(ValueError, match=r"cases are scored over 2 classes, class_names has 1 foreground classes \(a\)"):
+        class_table([score_case("c", pred, truth, 3)], ["background", "a"])
     with pytest.raises(ValueError, match="no cases to average"):
         class_table([], ["background", "fg"])
 
