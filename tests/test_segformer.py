@@ -295,7 +295,9 @@ def test_training_changes_exactly_the_methods_own_tensors(method: str, decoder: 
     assert isinstance(model, AdaptedSegmenter) and model.method == method
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_steps(model, images(2))
-    assert_trains_exactly(model, before, OWN[method])
+    # Hugging Face's SegFormer has its own key projection: its bias (full fine-tuning) and SSF's
+    # shift after it add one vector to every key, which no softmax over the keys can see.
+    assert_trains_exactly(model, before, OWN[method], lambda name: name.endswith((".k_proj.bias", ".k_proj.shift")))
 
 
 @pytest.mark.parametrize("method", OWN)
