@@ -5,7 +5,9 @@ against an independent computation."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import nibabel
@@ -140,12 +142,18 @@ def test_counts_per_map_and_class_give_medpys_scores_and_add_up_over_slices(shap
             (medpy.dc(preds == k, truths == k), medpy.jc(preds == k, truths == k)), rel=1e-12)
     with pytest.raises(ValueError, match=r"prediction shape \(5, 9, 7\) differs from ground truth shape \(5, 9, 6\)"):
         class_counts(np.zeros((5, 9, 7)), np.zeros((5, 9, 6)), 4)
+    with pytest.raises(ValueError, match=r"prediction shape \(5, 9, 6\) differs from ground truth shape \(5, 9, 7\)"):
+        class_counts(np.zeros((5, 9, 6)), np.zeros((5, 9, 7)), 4)
 
 
 def test_one_voxel_structures_score_exactly() -> None:
     """The smallest structures, by hand: a single voxel found exactly is Dice 1, IoU 1; found
     beside its place, 0; and one voxel of two found, Dice 2/3, IoU 1/2."""
     assert overlap_scores(1, 1, 1) == (1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 0 / 0 anywhere, not even in a branch np.where discards
+        empty = overlap_scores([0, 0, 3], [0, 2, 0], [0, 0, 0])
+    assert [a.tolist() for a in empty] == [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
     assert overlap_scores(1, 1, 0) == (0.0, 0.0)
     dice, iou = overlap_scores([1, 2], [2, 1], [1, 1])
     assert dice.tolist() == pytest.approx([2 / 3, 2 / 3]) and iou.tolist() == pytest.approx([0.5, 0.5])
@@ -164,6 +172,10 @@ def test_score_case_checks_classes_spacing_and_shapes_and_score_images_its_lengt
         score_case("c", pred, truth, 2, (1.0,))
     with pytest.raises(ValueError, match=r"case c: prediction shape \(12, 9\) differs from ground truth shape \(12, 10\)"):
         score_case("c", pred[:, :9], truth, 2)
+    with pytest.raises(ValueError, match=r"case c: prediction shape \(12, 10\) differs from ground truth shape \(12, 9\)"):
+        score_case("c", pred, truth[:, :9], 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        binary.dice = (1.0,)  # scores are values: a report cannot change a case after the fact
     preds, truths = np.stack([pred, truth, pred]), np.stack([truth, truth, pred])
     scored = score_images(["x", "y", "z"], preds, truths, 2)
     assert [s.case for s in scored] == ["x", "y", "z"] and scored[0] == score_case("x", pred, truth, 2)
