@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,11 @@ def test_altered_or_unusable_weights_are_refused_naming_the_file(adapter: Path) 
         verify_adapter(adapter)
     rewrite(adapter, {"steps": torch.tensor([3])})
     verify_adapter(adapter)  # finite: only a load into a model can tell it does not fit
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")  # a header that is not JSON
+    meta = json.loads((adapter / "adapter.json").read_text())
+    (adapter / "adapter.json").write_text(json.dumps({**meta, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
+    with pytest.raises(AdapterError, match=f"{weights} is not a readable safetensors file"):
+        verify_adapter(adapter)
     weights.unlink()
     with pytest.raises(AdapterError, match=f"{weights}: cannot read the adapter's weights"):
         verify_adapter(adapter)
@@ -135,6 +141,17 @@ def test_an_adapter_that_does_not_fit_the_model_is_refused(adapter: Path) -> Non
     with pytest.raises(AdapterError, match=rf"adapter {adapter}: tensor classifier.weight has shape \(3, 191\), "
                                            r"the model expects \(3, 192\)"):
         apply_adapter(model, adapter)
+    rewrite(adapter, {**tensors, "classifier.weight": torch.zeros(3, 193)})
+    with pytest.raises(AdapterError, match=r"tensor classifier.weight has shape \(3, 193\), the model expects \(3, 192\)"):
+        apply_adapter(model, adapter)
+    # At most five names of each kind: the first five in sorted order.
+    dvpt = build_model(tiny_config("data.class_names=[a, b, c]"))
+    names = sorted(dvpt.trainable_state_dict())
+    assert len(names) > 5
+    rewrite(adapter, {f"extra{i}": torch.zeros(1) for i in range(6)})
+    with pytest.raises(AdapterError, match=rf"does not fit a linear model: missing {re.escape(str(names[:5]))}, "
+                                           rf"unexpected \['extra0', 'extra1', 'extra2', 'extra3', 'extra4'\]$"):
+        apply_adapter(dvpt, adapter)
 
 
 def test_an_adapter_names_the_backbone_it_was_trained_on(adapter: Path) -> None:
@@ -145,6 +162,11 @@ def test_an_adapter_names_the_backbone_it_was_trained_on(adapter: Path) -> None:
                                            rf"vit_tiny_patch16_224 \(fingerprint {other.info.fingerprint[:12]}\): "
                                            "refusing to load it over different frozen weights"):
         apply_adapter(other, adapter)
+    # Either way round: whichever fingerprint sorts first, a different one is refused.
+    cfg = tiny_config(*LINEAR, "model.init_seed=1")
+    other_adapter = save_adapter(other, cfg, adapter.parent / "other")
+    with pytest.raises(AdapterError, match=f"adapter {other_adapter} was trained on backbone"):
+        apply_adapter(build_model(tiny_config(*LINEAR)), other_adapter)
     (adapter / "adapter.json").write_text(json.dumps({**meta, "backbone": "vit_small_patch16_224"}))
     with pytest.raises(AdapterError, match="was trained on backbone vit_small_patch16_224"):
         apply_adapter(build_model(tiny_config(*LINEAR)), adapter)

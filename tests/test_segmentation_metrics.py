@@ -392,3 +392,5 @@ def test_loss_takes_two_classes_and_refuses_fewer_or_unbatched_logits() -> None:
     with pytest.raises(ValueError, match=r"target shape \(2, 4, 3\) does not match logits \(2, 2, 4, 4\) "
                                          r"\(expected N x H x W class indices\)"):
         segmentation_loss()(logits, target[..., :3])
+    with pytest.raises(ValueError, match=r"target shape \(2, 4, 5\) does not match logits \(2, 2, 4, 4\)"):
+        segmentation_loss()(logits, torch.zeros(2, 4, 5, dtype=torch.long))
