@@ -95,6 +95,9 @@ def test_malformed_adapter_json_is_refused_naming_the_file(adapter: Path, tmp_pa
     with pytest.raises(AdapterError, match=rf"{config} has format_version 1; this package reads 2 \(adapters that "
                                            r"record their weights' SHA-256\): retrain it"):
         read_adapter_config(adapter)
+    config.write_text(json.dumps({**meta, "format_version": 3}))  # a newer package's adapter
+    with pytest.raises(AdapterError, match=f"{config} has format_version 3; this package reads 2"):
+        read_adapter_config(adapter)
     config.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("weights_sha256", "class_names")}))
     with pytest.raises(AdapterError, match=rf"{config} lacks the fields \['class_names', 'weights_sha256'\]"):
         read_adapter_config(adapter)
@@ -112,6 +115,10 @@ def test_altered_or_unusable_weights_are_refused_naming_the_file(adapter: Path) 
     with pytest.raises(AdapterError, match=rf"{weights}: SHA-256 {actual[:16]}\.\.\. differs from {recorded[:16]}\.\.\. "
                                            r"recorded in adapter.json: the weights changed after training"):
         verify_adapter(adapter)
+    for recorded in ("0" * 64, "f" * 64):  # whichever way the digests compare
+        (adapter / "adapter.json").write_text(json.dumps({**read_adapter_config(adapter), "weights_sha256": recorded}))
+        with pytest.raises(AdapterError, match=rf"SHA-256 {actual[:16]}\.\.\. differs from {recorded[:16]}\.\.\."):
+            verify_adapter(adapter)
     tensors["classifier.weight"][1, 2] = float("nan")
     tensors["classifier.bias"][0] = float("-inf")
     rewrite(adapter, {**tensors, "steps": torch.tensor([3])})  # an integer tensor is not judged
@@ -188,6 +195,10 @@ def test_settings_an_adapter_fixes_are_refused_only_when_given_and_different(ada
         check_against_adapter(tiny_config(*LINEAR, "model.image_size=64", "data.class_names=[a, b]"), meta, adapter)
     with pytest.raises(AdapterError, match=r"data.task='segmentation' \(the adapter has 'classification'\)"):
         check_against_adapter(tiny_config(*LINEAR, "data.task=segmentation"), meta, adapter, explicit={"data.task"})
+    # A setting the adapter does not fix, sorted before one it does, does not end the comparison.
+    with pytest.raises(AdapterError, match=r"model.image_size=64 \(the adapter has 32\)"):
+        check_against_adapter(tiny_config(*LINEAR, "model.image_size=64", "data.max_pixels=1000"), meta, adapter,
+                              explicit={"data.max_pixels", "model.image_size"})
     # Only the keys said to be explicit are compared: a differing default is no conflict.
     check_against_adapter(tiny_config(*LINEAR, "model.image_size=64"), meta, adapter, explicit={"train.lr"})
 
