@@ -15,7 +15,10 @@ For each module (default: every module in ``mutation/targets.toml``) this
    (``report.py``), which sets aside the survivors listed in ``mutation/equivalent.toml``.
 
 ``--retest-survivors`` re-tests only the survivors of the module's last session (after tests were
-added); ``--report-only`` rewrites the report from the stored results.
+added), and the mutants that session had not reached when it was stopped; without a session in
+``.mutation/`` (a fresh checkout: it is not versioned) it starts one and carries over the mutants
+``mutation/results`` records as killed where that source line is unchanged. ``--report-only``
+rewrites the report from the stored results.
 """
 
 from __future__ import annotations
