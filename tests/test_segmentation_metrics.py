@@ -184,6 +184,10 @@ def test_score_case_checks_classes_spacing_and_shapes_and_score_images_its_lengt
         score_images(["x", "y"], preds, truths, 2)
     with pytest.raises(ValueError, match="3 case names, 3 predictions and 2 ground truths"):
         score_images(["x", "y", "z"], preds, truths[:2], 2)
+    with pytest.raises(ValueError, match="4 case names, 3 predictions and 3 ground truths"):
+        score_images(["w", "x", "y", "z"], preds, truths, 2)
+    with pytest.raises(ValueError, match="3 case names, 3 predictions and 4 ground truths"):
+        score_images(["x", "y", "z"], preds, np.concatenate([truths, truths[:1]]), 2)
     one = class_table(scored[:1], ["background", "fg"])  # a split of one case
     assert [row["class"] for row in one] == ["fg", "mean"] and one[0]["dice"] == scored[0].dice[0] == one[1]["dice"]
     with pytest.raises(ValueError, match=r"cases are scored over 1 classes, class_names has 2 foreground classes \(a, b\)"):
