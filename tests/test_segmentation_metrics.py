@@ -393,6 +393,8 @@ def test_loss_takes_two_classes_and_refuses_fewer_or_unbatched_logits() -> None:
         segmentation_loss()(torch.zeros(2, 1, 4, 4), target)
     with pytest.raises(ValueError, match=r"got \(2, 4, 4\)"):
         segmentation_loss()(torch.zeros(2, 4, 4), target)
+    with pytest.raises(ValueError, match=r"got \(2, 2, 1, 4, 4\)"):  # volumes are scored as slices, never whole
+        segmentation_loss()(torch.zeros(2, 2, 1, 4, 4), target)
     with pytest.raises(ValueError, match=r"target shape \(2, 4, 3\) does not match logits \(2, 2, 4, 4\) "
                                          r"\(expected N x H x W class indices\)"):
         segmentation_loss()(logits, target[..., :3])
