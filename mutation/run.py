@@ -15,7 +15,10 @@ For each module (default: every module in ``mutation/targets.toml``) this
    (``report.py``), which sets aside the survivors listed in ``mutation/equivalent.toml``.
 
 ``--retest-survivors`` re-tests only the survivors of the module's last session (after tests were
-added); ``--report-only`` rewrites the report from the stored results.
+added), and the mutants that session had not reached when it was stopped; without a session in
+``.mutation/`` (a fresh checkout: it is not versioned) it starts one and carries over the mutants
+``mutation/results`` records as killed where that source line is unchanged. ``--report-only``
+rewrites the report from the stored results.
 """
 
 from __future__ import annotations
@@ -140,6 +143,9 @@ def run_module(module: str, targets: dict, retest: bool) -> None:
         else:
             subprocess.run([tool("cosmic-ray"), "init", str(config), str(session), "--force"], cwd=TREE, env=env, check=True)
             subprocess.run([tool("cr-filter-operators"), str(session), str(config)], cwd=TREE, env=env, check=True)
+            if retest:
+                log.info("%s: no session in %s; %d mutants killed in the stored results are not re-tested",
+                         module, WORK, seed_from_results(module, session))
         started = time.monotonic()
         subprocess.run([tool("cosmic-ray"), "exec", str(config), str(session)], cwd=TREE, env=env, check=True)
         elapsed = time.monotonic() - started
@@ -154,6 +160,41 @@ def forget_survivors(session: Path) -> None:
     """Drop the survivors' results so ``cosmic-ray exec`` tests them again."""
     with sqlite3.connect(session) as db:
         db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+
+
+def seed_from_results(module: str, session: Path) -> int:
+    """Give a fresh session the stored results' killed and timed-out mutants, so that
+    ``--retest-survivors`` works without the last session (``.mutation/`` is not versioned).
+
+    A stored mutant is carried over only when the fresh session has the same operator and
+    occurrence at the same position and that source line still reads as it did; any other mutant
+    (the module changed there) is tested again.
+    """
+    path = RESULTS / f"{module.replace('/', '.')}.json"
+    if not path.is_file():
+        return 0
+    lines = (TREE / module).read_text().splitlines()
+    decided = {
+        ("core/" + m["operator"], m["occurrence"], m["line"], m["column"]): m
+        for m in json.loads(path.read_text())["mutants"] if m["outcome"] in ("killed", "timeout")
+    }
+    seeded = 0
+    with sqlite3.connect(session) as db:
+        specs = db.execute("SELECT s.job_id, s.operator_name, s.occurrence, s.start_pos_row, s.start_pos_col "
+                           "FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id "
+                           "WHERE r.job_id IS NULL").fetchall()
+        for job_id, operator, occurrence, row, col in specs:
+            stored = decided.get((operator, occurrence, row, col))
+            if stored is None or lines[row - 1].strip() not in stored["original"].split(" / "):
+                continue
+            # The diff as changed_lines() reads it back, so the report shows the same lines.
+            diff = "\n".join(f"-{line}" for line in stored["original"].split(" / ")) + "\n" + "\n".join(
+                f"+{line}" for line in filter(None, stored["mutant"].split(" / ")))
+            db.execute("INSERT INTO work_results (job_id, worker_outcome, output, test_outcome, diff) "
+                       "VALUES (?, 'NORMAL', ?, 'KILLED', ?)",
+                       (job_id, "timeout" if stored["outcome"] == "timeout" else "carried over from the stored results", diff))
+            seeded += 1
+    return seeded
 
 
 def save_results(module: str, session: Path, args: list[str], baseline_s: float, elapsed_s: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -493,6 +494,115 @@ def test_adaptformer_initialisation() -> None:
     assert not branch.up.weight.any() and not branch.up.bias.any() and not branch.down.bias.any()
     assert branch.down.weight.abs().min() < branch.down.weight.abs().max()
     assert isinstance(branch.norm, nn.Identity)
+
+
+# --- EVP (Liu et al., 2023; evp.py's docstring) -----------------------------------------------
+
+
+def highpass(images: torch.Tensor, ratio: float) -> torch.Tensor:
+    """|IFFT((1 - M) FFT(x))| with numpy: M the centred square of side 2 * (sqrt(ratio H W) // 2)."""
+    height, width = images.shape[-2:]
+    spectrum = np.fft.fftshift(np.fft.fft2(images.numpy(), norm="forward"), axes=(-2, -1))
+    half = int(math.sqrt(height * width * ratio) // 2)
+    spectrum[..., height // 2 - half : height // 2 + half, width // 2 - half : width // 2 + half] = 0
+    return torch.from_numpy(np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum, axes=(-2, -1)), norm="forward").real))
+
+
+def evp_prompt(evp: nn.Module, stage: int, block: int, feature: torch.Tensor) -> torch.Tensor:
+    """P_{k,i} = shared_k(GELU(lightweight_{k,i}(F_k)))."""
+    light, shared = evp.lightweight[stage][block][0], evp.shared[stage]
+    return F.linear(F.gelu(F.linear(feature, light.weight, light.bias)), shared.weight, shared.bias)
+
+
+def evp_feature(evp: nn.Module, stage: int, handcrafted: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """F_k = H_k + Linear_{C_k -> c_k}(E_k), both channels last."""
+    embedding = evp.embedding[stage]
+    return handcrafted + F.linear(tokens, embedding.weight, embedding.bias)
+
+
+@pytest.mark.parametrize("backbone", ["cls token", "CLIP"])
+def test_evp_vit_adds_explicit_prompts_to_every_blocks_patch_tokens(backbone: str) -> None:
+    """H = conv_{p x p / p}(F_hfc) (no padding, no norm), F = H + Linear(E) with E the frozen
+    patch embedding, block l reads [cls, patches + P_l]; CLIP's frozen projection comes once,
+    before the classifier."""
+    arch = {"cls token": VIT, "CLIP": CLIP}[backbone]
+    cfg, model, plain, images = build("model.method=evp", *arch, "model.evp.frequency_ratio=0.3")
+    ref, evp = ReferenceViT(plain), model.evp
+    conv, patch = evp.handcrafted[0].proj, plain.patch_embed.proj
+    with torch.no_grad():
+        handcrafted = F.conv2d(highpass(images, 0.3), conv.weight, conv.bias, stride=16).flatten(2).transpose(1, 2)
+        tokens = F.conv2d(images, patch.weight, patch.bias, stride=16).flatten(2).transpose(1, 2)
+        feature = evp_feature(evp, 0, handcrafted, tokens)
+        x = ref.norm("norm_pre", ref.embed(images))
+        for l in range(len(plain.blocks)):
+            x = ref.block(l, torch.cat([x[:, :1], x[:, 1:] + evp_prompt(evp, 0, l, feature)], dim=1))
+        pooled = ref.pool(x)
+        if backbone == "CLIP":
+            pooled = F.linear(pooled, plain.head.weight, plain.head.bias)
+        expected = logits(model, pooled)
+    assert evp.handcrafted[0].proj.out_channels == plain.embed_dim // 4 and len(evp.lightweight[0]) == len(plain.blocks)
+    assert_matches(model, images, expected)
+
+
+def test_evp_swin_builds_each_stages_prompts_from_the_previous_handcrafted_map() -> None:
+    """H_1 = LN(conv_{7x7/4, pad 3}(F_hfc)), H_k = LN(conv_{3x3/2, pad 1}(H_{k-1})), channels
+    C_k / r; each stage's F_k from its input tokens (after patch merging); block i of stage k reads
+    E + P_{k,i}."""
+    cfg, model, plain, images = build("model.method=evp", *SWIN, "model.evp.scale_factor=2")
+    evp = model.evp
+    with torch.no_grad():
+        x, maps = highpass(images, 0.25), []
+        for generator, (kernel, stride) in zip(evp.handcrafted, [(7, 4), (3, 2), (3, 2), (3, 2)]):
+            conv = generator.proj
+            x = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=kernel // 2)
+            x = layer_norm(x.permute(0, 2, 3, 1), generator.norm).permute(0, 3, 1, 2)
+            maps.append(x.permute(0, 2, 3, 1))
+        features = {}
+
+        def block(stage: int, i: int, frozen: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if i == 0:
+                features[stage] = evp_feature(evp, stage, maps[stage], x)
+            return frozen(x + evp_prompt(evp, stage, i, features[stage]))
+
+        expected = logits(model, swin_stages(plain, images, block))
+    assert [g.proj.out_channels for g in evp.handcrafted] == [8, 16, 32, 64]
+    assert_matches(model, images, expected)
+
+
+def test_evp_swin_refuses_an_image_size_its_maps_cannot_follow() -> None:
+    """EVP's padded convolutions give ceil(n / 4), then ceil(n / 2) per stage; Swin's patch
+    embedding floor(n / 4): at 72 both give 18, 9, 5, 3; at 66 the maps are 17, 9, 5, 3 and the
+    stages 16, 8, 4, 2."""
+    from dvpt_core.config import ConfigError
+
+    build_model(tiny_config("model.method=evp", *SWIN[:2], "model.image_size=72"))
+    # A one-block last stage: each stage's size is read from its first block.
+    build_model(tiny_config("model.method=evp", SWIN[0], "model.image_size=64",
+                            "model.backbone_kwargs={embed_dim: 16, depths: [2, 2, 2, 1], num_heads: [1, 2, 2, 4]}"))
+    with pytest.raises(ConfigError, match=r"EVP's handcrafted maps \[\(17, 17\), \(9, 9\), \(5, 5\), \(3, 3\)\] do not "
+                                          r"match Swin's stages \[\(16, 16\), \(8, 8\), \(4, 4\), \(2, 2\)\] at "
+                                          r"model.image_size=66; use a multiple of 32"):
+        build_model(tiny_config("model.method=evp", *SWIN[:2], "model.image_size=66"))
+
+
+def test_evp_initialisation_and_scale_factor_limit() -> None:
+    """EVP's code: linear layers truncated normal (std 0.02, cut at +-2), convolutions He-normal
+    over fan-out (k^2 out_channels), every bias 0; a scale factor wider than a stage is refused."""
+    from dvpt_core.config import ConfigError
+
+    evp = build_model(tiny_config("model.method=evp", *VIT)).evp
+    linear = torch.cat([m.weight.flatten() for m in evp.modules() if isinstance(m, nn.Linear)])
+    assert float(linear.std()) == pytest.approx(0.02, rel=0.05) and float(linear.abs().max()) <= 2.0
+    assert float(linear.mean()) == pytest.approx(0.0, abs=0.001)
+    conv = evp.handcrafted[0].proj
+    assert float(conv.weight.std()) == pytest.approx(math.sqrt(2.0 / (16 * 16 * 48)), rel=0.05)
+    assert float(conv.weight.mean()) == pytest.approx(0.0, abs=0.001)
+    assert all(float(m.bias.abs().max()) == 0.0 for m in evp.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    wide = build_model(tiny_config("model.method=evp", *VIT, "model.evp.scale_factor=2")).evp
+    assert wide.embedding[0].out_features == 96
+    assert build_model(tiny_config("model.method=evp", *VIT, "model.evp.scale_factor=192")).evp.embedding[0].out_features == 1
+    with pytest.raises(ConfigError, match="model.evp.scale_factor=193 exceeds the narrowest stage width 192"):
+        build_model(tiny_config("model.method=evp", *VIT, "model.evp.scale_factor=193"))
 
 
 @pytest.mark.parametrize("method", ["linear", "full"])

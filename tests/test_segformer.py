@@ -264,8 +264,29 @@ def test_modules_are_shared_by_s_blocks_within_a_stage() -> None:
 
 
 def test_too_many_prompts_for_the_last_stage_are_refused() -> None:
-    with pytest.raises(ConfigError, match=r"model.segformer.prompts=5 exceeds the 4 tokens"):
+    """At 64x64 the last stage has 2x2 tokens: 4 prompts fit, 5 do not."""
+    assert len(build_model(tiny_segformer_config("model.method=dvpt", "model.segformer.prompts=4")).prompts) == 7
+    with pytest.raises(ConfigError, match=r"model.segformer.prompts=5 exceeds the 4 tokens of the last SegFormer stage "
+                                          r"\(2x2\) at model.image_size=64; use fewer prompts or larger images"):
         build_model(tiny_segformer_config("model.method=dvpt", "model.segformer.prompts=5"))
+
+
+def test_dvpt_segformer_initialisation_follows_the_settings() -> None:
+    """Every gate (prompt cross-attention, block and decoder modules) at ``gate_init``; prompts
+    from a normal of std ``prompt_init_std`` truncated at +-2 (absolute, as the released code);
+    decoder bottlenecks C_i -> d' -> E, the blocks' C_i -> d' -> C_i."""
+    model = build_model(tiny_segformer_config("model.method=dvpt", "model.gate_init=0.25", "model.segformer.prompts=4",
+                                              "model.segformer.hidden_dim=5"))
+    gates = [*model.prompt_gates, *(m.gate for m in model.dvpt_modules), *(m.gate for m in model.decoder_modules)]
+    assert len(gates) == 7 + 5 + 4 and all(float(g) == 0.25 for g in gates)
+    values = torch.cat([p.flatten() for p in model.prompts])
+    assert float(values.std()) == pytest.approx(0.02, rel=0.15) and float(values.abs().max()) <= 2.0
+    assert [(m.down.in_features, m.down.out_features, m.up.out_features) for m in model.decoder_modules] == [
+        (8, 5, 16), (16, 5, 16), (24, 5, 16), (32, 5, 16)]
+    assert [(m.down.in_features, m.up.out_features) for m in model.dvpt_modules] == [(8, 8), (16, 16), (24, 24), (24, 24), (32, 32)]
+    wide = build_model(tiny_segformer_config("model.method=dvpt", "model.segformer.prompt_init_std=1"))
+    wide_values = torch.cat([p.flatten() for p in wide.prompts])
+    assert float(wide_values.abs().max()) <= 2.0 and float(wide_values.std()) > 0.8
 
 
 def test_shallow_vpt_is_refused_on_segformer_with_the_reason() -> None:
@@ -319,7 +340,9 @@ def test_training_changes_exactly_the_methods_own_tensors(method: str, decoder: 
     assert isinstance(model, AdaptedSegmenter) and model.method == method
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_steps(model, images(2))
-    assert_trains_exactly(model, before, OWN[method])
+    # Hugging Face's SegFormer has its own key projection: its bias (full fine-tuning) and SSF's
+    # shift after it add one vector to every key, which no softmax over the keys can see.
+    assert_trains_exactly(model, before, OWN[method], lambda name: name.endswith((".k_proj.bias", ".k_proj.shift")))
 
 
 @pytest.mark.parametrize("method", OWN)
@@ -377,6 +400,13 @@ def test_fft_highpass_matches_numpy() -> None:
     np.testing.assert_allclose(fft_highpass(x, 0.25).numpy(), expected, atol=1e-12)
     flat = torch.ones(1, 1, 20, 20, dtype=torch.float64)
     assert float(fft_highpass(flat, 0.25).abs().max()) < 1e-12  # a constant image has no high frequencies
+    # Odd sides, where fftshift and ifftshift differ: each axis is shifted and shifted back.
+    x = torch.randn(2, 3, 21, 19, dtype=torch.float64)
+    spectrum = np.fft.fftshift(np.fft.fft2(x.numpy(), norm="forward"), axes=(-2, -1))
+    half = int(math.sqrt(21 * 19 * 0.25) // 2)  # 4: rows 6-13 and columns 5-12 removed
+    spectrum[..., 10 - half : 10 + half, 9 - half : 9 + half] = 0
+    expected = np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum, axes=(-2, -1)), norm="forward").real)
+    np.testing.assert_allclose(fft_highpass(x, 0.25).numpy(), expected, atol=1e-12)
 
 
 def test_evp_prompts_reach_every_block_of_every_stage() -> None:
@@ -393,6 +423,43 @@ def test_evp_prompts_reach_every_block_of_every_stage() -> None:
     for hook in hooks:
         hook.remove()
     assert len(seen) == 7 and not torch.allclose(seen[0], tokens)
+
+
+def test_evp_segformer_stages_follow_the_equations() -> None:
+    """Stage k: H_k = LN(conv(H_{k-1})) with the stage's own kernel and stride, padded k // 2,
+    H_0 the numpy high-pass of the image; F_k = H_k + Linear(E_k), E_k the stage's frozen patch
+    embedding; block i reads E + shared_k(GELU(lightweight_{k,i}(F_k))). In float64, against Hugging
+    Face's frozen stages run by hand."""
+    cfg = tiny_segformer_config("model.method=evp", "model.evp.frequency_ratio=0.2")
+    model = build_model(cfg).eval().double()
+    perturb_trainable(model)
+    plain = create_backbone(cfg.model)[0].double()
+    evp, x = model.evp, images(2).double()
+    spectrum = np.fft.fftshift(np.fft.fft2(x.numpy(), norm="forward"), axes=(-2, -1))
+    spectrum[..., 32 - 14 : 32 + 14, 32 - 14 : 32 + 14] = 0  # half = sqrt(64 * 64 * 0.2) // 2 = 28.6 // 2
+    hand = torch.from_numpy(np.abs(np.fft.ifft2(np.fft.ifftshift(spectrum, axes=(-2, -1)), norm="forward").real))
+    expected, maps = [], x
+    with torch.no_grad():
+        for k, stage in enumerate(plain.segformer.stages):
+            conv, generator = stage.patch_embeddings.proj, evp.handcrafted[k]
+            assert (conv.kernel_size[0], conv.stride[0]) == [(7, 4), (3, 2), (3, 2), (3, 2)][k]
+            hand = F.conv2d(hand, generator.proj.weight, generator.proj.bias, stride=conv.stride, padding=conv.kernel_size[0] // 2)
+            norm = generator.norm
+            hand = F.layer_norm(hand.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2)
+            tokens, height, width = stage.patch_embeddings(maps)
+            embedding = evp.embedding[k]
+            feature = hand.flatten(2).transpose(1, 2) + F.linear(tokens, embedding.weight, embedding.bias)
+            shared = evp.shared[k]
+            for i, block in enumerate(stage.blocks):
+                light = evp.lightweight[k][i][0]
+                prompt = F.linear(F.gelu(F.linear(feature, light.weight, light.bias)), shared.weight, shared.bias)
+                tokens = block(tokens + prompt, height, width)
+            maps = stage.layer_norm(tokens).transpose(1, 2).reshape(2, -1, height, width)
+            expected.append(maps)
+        got = model.encode(x)
+    assert [g.proj.out_channels for g in evp.handcrafted] == [2, 4, 6, 8]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-9, rtol=1e-9)
 
 
 # --- Table 2: SegFormer-B4, 2 classes ---------------------------------------------------------

@@ -5,6 +5,9 @@ against an independent computation."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
+import warnings
 from pathlib import Path
 
 import nibabel
@@ -23,7 +26,15 @@ from dvpt_core.data.formats.pixels import resize_label_map
 from dvpt_core.data.restack import restack, restack_split
 from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.losses import segmentation_loss
-from dvpt_core.metrics.segmentation import binary_scores, class_table, score_case, summary_metrics
+from dvpt_core.metrics.segmentation import (
+    binary_scores,
+    class_counts,
+    class_table,
+    overlap_scores,
+    score_case,
+    score_images,
+    summary_metrics,
+)
 from dvpt_core.metrics.segmentation_report import markdown_table, plot_overlay_grid, write_case_csv
 from dvpt_core.metrics.split import score_split, score_volumes
 from dvpt_core.steps.preprocess import preprocess
@@ -101,6 +112,90 @@ def test_multiclass_scores_per_class_equal_medpy(shape: tuple, spacing: tuple | 
     assert scores.missed == (False, False, True, False, False)
     assert scores.hd95_unit == ("voxel" if spacing is None else "mm")
     assert scores.dice[3] == 1.0 and scores.dice[2] == 0.0 and scores.dice[4] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(5, 9, 7), (5, 4, 9, 7)])
+def test_counts_per_map_and_class_give_medpys_scores_and_add_up_over_slices(shape: tuple) -> None:
+    """class_counts: per label map (2D or 3D) and foreground class, (predicted, present, overlap);
+    overlap_scores of a map's counts are medpy's Dice and IoU under the empty-mask convention, and
+    of the counts summed over the maps, the stack's (how validation scores a volume by slices)."""
+    rng = np.random.default_rng(5)
+    truths, preds = labels(rng, shape, 4), labels(rng, shape, 4)
+    preds[1][preds[1] == 2] = 0  # class 2 missed on map 1
+    truths[2][truths[2] == 3] = 0
+    preds[2].flat[:3] = 3  # class 3 predicted where absent on map 2
+    counts = class_counts(preds, truths, 5)  # class 4 in neither
+    assert counts.shape == (5, 4, 3) and counts.dtype == np.int64
+    for n in range(5):
+        for k in range(1, 5):
+            p, t = preds[n] == k, truths[n] == k
+            assert counts[n, k - 1].tolist() == [np.count_nonzero(p), np.count_nonzero(t), np.count_nonzero(p & t)]
+    dice, iou = overlap_scores(counts[..., 0], counts[..., 1], counts[..., 2])
+    for n in range(5):
+        for k in range(1, 5):
+            assert (dice[n, k - 1], iou[n, k - 1]) == pytest.approx(
+                transunet_reference(preds[n] == k, truths[n] == k, None)[:2], rel=1e-12)
+    assert dice[1, 1] == 0.0 and dice[2, 2] == 1.0 and dice[0, 3] == 0.0
+    whole_dice, whole_iou = overlap_scores(*counts.sum(axis=0).T)
+    for k in range(1, 4):
+        assert (whole_dice[k - 1], whole_iou[k - 1]) == pytest.approx(
+            (medpy.dc(preds == k, truths == k), medpy.jc(preds == k, truths == k)), rel=1e-12)
+    with pytest.raises(ValueError, match=r"prediction shape \(5, 9, 7\) differs from ground truth shape \(5, 9, 6\)"):
+        class_counts(np.zeros((5, 9, 7)), np.zeros((5, 9, 6)), 4)
+    with pytest.raises(ValueError, match=r"prediction shape \(5, 9, 6\) differs from ground truth shape \(5, 9, 7\)"):
+        class_counts(np.zeros((5, 9, 6)), np.zeros((5, 9, 7)), 4)
+
+
+def test_one_voxel_structures_score_exactly() -> None:
+    """The smallest structures, by hand: a single voxel found exactly is Dice 1, IoU 1; found
+    beside its place, 0; and one voxel of two found, Dice 2/3, IoU 1/2."""
+    assert overlap_scores(1, 1, 1) == (1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 0 / 0 anywhere, not even in a branch np.where discards
+        empty = overlap_scores([0, 0, 3], [0, 2, 0], [0, 0, 0])
+    assert [a.tolist() for a in empty] == [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    assert overlap_scores(1, 1, 0) == (0.0, 0.0)
+    dice, iou = overlap_scores([1, 2], [2, 1], [1, 1])
+    assert dice.tolist() == pytest.approx([2 / 3, 2 / 3]) and iou.tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_score_case_checks_classes_spacing_and_shapes_and_score_images_its_lengths() -> None:
+    rng = np.random.default_rng(2)
+    truth, pred = labels(rng, (12, 10), 2), labels(rng, (12, 10), 2)
+    binary = score_case("c", pred, truth, 2)  # background and one class: the smallest task
+    assert binary.dice == pytest.approx((medpy.dc(pred == 1, truth == 1),))
+    with pytest.raises(ValueError, match="num_classes is 1: segmentation needs background and at least one class"):
+        score_case("c", pred, truth, 1)
+    with pytest.raises(ValueError, match=r"case c: spacing \(1.0, 1.0, 1.0\) has 3 values for a 2-D mask"):
+        score_case("c", pred, truth, 2, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"case c: spacing \(1.0,\) has 1 values for a 2-D mask"):
+        score_case("c", pred, truth, 2, (1.0,))
+    with pytest.raises(ValueError, match=r"case c: prediction shape \(12, 9\) differs from ground truth shape \(12, 10\)"):
+        score_case("c", pred[:, :9], truth, 2)
+    with pytest.raises(ValueError, match=r"case c: prediction shape \(12, 10\) differs from ground truth shape \(12, 9\)"):
+        score_case("c", pred, truth[:, :9], 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        binary.dice = (1.0,)  # scores are values: a report cannot change a case after the fact
+    preds, truths = np.stack([pred, truth, pred]), np.stack([truth, truth, pred])
+    scored = score_images(["x", "y", "z"], preds, truths, 2)
+    assert [s.case for s in scored] == ["x", "y", "z"] and scored[0] == score_case("x", pred, truth, 2)
+    assert scored[1].dice == (1.0,) and scored[1].hd95 == (0.0,)
+    with pytest.raises(ValueError, match="2 case names, 3 predictions and 3 ground truths"):
+        score_images(["x", "y"], preds, truths, 2)
+    with pytest.raises(ValueError, match="3 case names, 3 predictions and 2 ground truths"):
+        score_images(["x", "y", "z"], preds, truths[:2], 2)
+    with pytest.raises(ValueError, match="4 case names, 3 predictions and 3 ground truths"):
+        score_images(["w", "x", "y", "z"], preds, truths, 2)
+    with pytest.raises(ValueError, match="3 case names, 3 predictions and 4 ground truths"):
+        score_images(["x", "y", "z"], preds, np.concatenate([truths, truths[:1]]), 2)
+    one = class_table(scored[:1], ["background", "fg"])  # a split of one case
+    assert [row["class"] for row in one] == ["fg", "mean"] and one[0]["dice"] == scored[0].dice[0] == one[1]["dice"]
+    with pytest.raises(ValueError, match=r"cases are scored over 1 classes, class_names has 2 foreground classes \(a, b\)"):
+        class_table(scored, ["background", "a", "b"])
+    with pytest.raises(ValueError, match=r"cases are scored over 2 classes, class_names has 1 foreground classes \(a\)"):
+        class_table([score_case("c", pred, truth, 3)], ["background", "a"])
+    with pytest.raises(ValueError, match="no cases to average"):
+        class_table([], ["background", "fg"])
 
 
 def test_means_over_cases_count_every_case_and_misses() -> None:
@@ -283,3 +378,25 @@ def test_loss_is_half_cross_entropy_plus_half_batch_dice() -> None:
     assert torch.allclose(grad, torch.autograd.grad(expected, logits)[0], atol=1e-7)
     with pytest.raises(ValueError, match="target shape"):
         segmentation_loss()(logits, target[:, :4])
+
+
+def test_loss_takes_two_classes_and_refuses_fewer_or_unbatched_logits() -> None:
+    """C = 2 (background and one structure) is the smallest task; one channel or a map without a
+    batch axis is refused, naming the shape."""
+    logits, target = torch.zeros(2, 2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, 0, 0] = 1
+    # Uniform logits: cross-entropy log 2; Dice per class from p = 1/2 everywhere (32 pixels, 1 of class 1).
+    dice = [(2 * 0.5 * 31 + 1e-5) / (32 * 0.25 + 31 + 1e-5), (2 * 0.5 * 1 + 1e-5) / (32 * 0.25 + 1 + 1e-5)]
+    expected = 0.5 * math.log(2) + 0.5 * (1 - sum(dice) / 2)
+    assert segmentation_loss()(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"expected N x C x H x W logits with C >= 2 \(background included\), got \(2, 1, 4, 4\)"):
+        segmentation_loss()(torch.zeros(2, 1, 4, 4), target)
+    with pytest.raises(ValueError, match=r"got \(2, 4, 4\)"):
+        segmentation_loss()(torch.zeros(2, 4, 4), target)
+    with pytest.raises(ValueError, match=r"got \(2, 2, 1, 4, 4\)"):  # volumes are scored as slices, never whole
+        segmentation_loss()(torch.zeros(2, 2, 1, 4, 4), target)
+    with pytest.raises(ValueError, match=r"target shape \(2, 4, 3\) does not match logits \(2, 2, 4, 4\) "
+                                         r"\(expected N x H x W class indices\)"):
+        segmentation_loss()(logits, target[..., :3])
+    with pytest.raises(ValueError, match=r"target shape \(2, 4, 5\) does not match logits \(2, 2, 4, 4\)"):
+        segmentation_loss()(logits, torch.zeros(2, 4, 5, dtype=torch.long))
