@@ -67,14 +67,18 @@ def onnx_signature(adapter_dir: Path) -> ModelSignature:
     logits ((N, K) or (N, K, S, S))."""
     meta = read_adapter_config(adapter_dir)
     size = int(meta["image_size"])
-    shape = get_task(adapter_task(meta)).logits_shape(1, size, len(meta["class_names"]))
-    return infer_signature(np.zeros((1, 3, size, size), dtype=np.float32), np.zeros(shape, dtype=np.float32))
+    return infer_signature(np.zeros((1, 3, size, size), dtype=np.float32), _zero_logits(meta))
+
+
+def _zero_logits(meta: dict) -> np.ndarray:
+    """All-zero logits of one image, in the shape the adapter's task outputs."""
+    task = get_task(adapter_task(meta))
+    return np.zeros(task.logits_shape(1, int(meta["image_size"]), len(meta["class_names"])), dtype=np.float32)
 
 
 def _answers_to_zeros(meta: dict) -> list[dict]:
-    size, names = int(meta["image_size"]), list(meta["class_names"])
-    task = get_task(adapter_task(meta))
-    return task.answers(np.zeros(task.logits_shape(1, size, len(names)), dtype=np.float32), names, [(size, size)])
+    size = int(meta["image_size"])
+    return get_task(adapter_task(meta)).answers(_zero_logits(meta), list(meta["class_names"]), [(size, size)])
 
 
 def log_adapter_model(adapter_dir: Path) -> ModelInfo:
