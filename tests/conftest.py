@@ -35,6 +35,8 @@ SHARED_GROUPS = {
     "stack": {"test_dvc_pipeline", "test_kfp", "test_dvc_remote"},
 }
 # Rough wall time of each heavy group (seconds, one worker), to schedule the longest first.
+# Fixtures that start services; every test using one (directly or through another fixture) is slow.
+SERVICE_FIXTURES = {"mlflow_server", "local_stack"}
 GROUP_WEIGHT = {"stack": 600, "test_segmentation_pipeline": 500, "test_faults": 450, "registry": 400,
                 "test_compare": 330, "test_faults_data": 200, "test_distributed": 150}
 
@@ -115,12 +117,18 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         record.unlink()
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) a test module runs
+    """A test that needs a service (an MLflow server, the local production stack) is ``slow``: the
+    fast tier (``-m "not slow"``) is unit tests of the science, the slow tier the wiring.
+
+    Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) a test module runs
     on one worker, so its module fixtures are built once; modules that share a session fixture
     built by training or by starting services share a group, and the heaviest groups start first
     so that neither worker is left with a long tail."""
     for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
         module = item.path.stem
         group = next((name for name, modules in SHARED_GROUPS.items() if module in modules), module)
         item.add_marker(pytest.mark.xdist_group(group))

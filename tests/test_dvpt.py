@@ -123,6 +123,7 @@ def test_local_weights_file_loads_those_weights(tmp_path) -> None:
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+@pytest.mark.slow
 def test_offline_hugging_face_cache_loads_without_network(tmp_path) -> None:
     """timm's hub loading reads a populated cache with HF_HUB_OFFLINE=1."""
     from safetensors.torch import save_file
@@ -141,6 +142,7 @@ def test_offline_hugging_face_cache_loads_without_network(tmp_path) -> None:
     assert out.stdout.strip().splitlines()[-1] == fingerprint(source)
 
 
+@pytest.mark.slow
 def test_missing_pretrained_weights_name_the_fix(tmp_path) -> None:
     code = (
         "from dvpt_core.models.backbone import create_backbone, fingerprint;"

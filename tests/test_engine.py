@@ -85,3 +85,32 @@ def test_predict_returns_every_batch_in_order_in_eval_mode() -> None:
         torch.testing.assert_close(logits, model[0](images))
     assert torch.equal(labels, torch.cat([b[1] for b in data]))
     assert logits.dtype == torch.float32 and not logits.requires_grad
+
+
+def test_a_one_sample_epoch_reports_that_samples_loss() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = batches([1])
+    expected = float(nn.functional.cross_entropy(model(data[0][0]), data[0][1]))
+    loss = train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.1), lambda step: None, CPU)
+    assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_batches_without_a_length_are_read_up_to_max_steps() -> None:
+    """A streaming loader (a generator, no ``len``) is read lazily: the bar gets max_steps as its
+    total and the epoch stops there without asking for another batch."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = batches([2, 2, 2])
+    read: list[int] = []
+
+    def stream():
+        for index, batch in enumerate(data):
+            read.append(index)
+            yield batch
+
+    steps: list[int] = []
+    train_one_epoch(model, stream(), torch.optim.SGD(model.parameters(), lr=0.1), steps.append, CPU, max_steps=2)
+    assert steps == [1, 2] and read == [0, 1]
+    train_one_epoch(model, stream(), torch.optim.SGD(model.parameters(), lr=0.1), steps.append, CPU)
+    assert steps == [1, 2, 1, 2, 3]

@@ -25,6 +25,9 @@ from dvpt_core.steps.sync import read_sync_state
 from tests.conftest import LocalMlflowServer
 from tests.helpers import TINY, params_tree, prepared_dataset, tiny_config
 
+# Fault injection runs the real CLI in subprocesses, against a real MLflow server: the slow tier.
+pytestmark = pytest.mark.slow
+
 EPOCHS = 4
 RUN = [*TINY, f"train.epochs={EPOCHS}", "train.warmup_epochs=1", "synthetic.train=32"]
 
@@ -100,7 +103,6 @@ def _statuses(uri: str, out: Path) -> dict[str, str]:
     return {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id])}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "after_epochs"), [(signal.SIGKILL, 0), (signal.SIGKILL, 2), (signal.SIGTERM, 1),
                                                    (signal.SIGINT, 3)])
 def test_killed_training_resumes_to_exactly_the_uninterrupted_result(
@@ -133,7 +135,6 @@ def test_killed_training_resumes_to_exactly_the_uninterrupted_result(
     assert "RUNNING" not in {client.get_run(r).info.status for r in {summary["run_id"], first_run} if r}
 
 
-@pytest.mark.slow
 def test_lost_server_keeps_the_training_and_sync_completes_the_run(prepared, tmp_path) -> None:
     server = LocalMlflowServer(tmp_path / "server").start()
     out = tmp_path / "train"

@@ -527,6 +527,7 @@ def test_logs_and_cli_errors_mask_credentials(capsys) -> None:
     assert_one_line_error(err, "train", "model.prompts", "tracking.tracking_uri=http://alice:***@mlflow:5000/?token=***")
 
 
+@pytest.mark.slow
 def test_the_compiled_pipeline_holds_no_credentials(tmp_path: Path) -> None:
     """A tracking URI with credentials given at compile time is dropped from the package (the pods
     read the URI from a ConfigMap and the credentials from a Secret); the log names it masked."""

@@ -337,6 +337,7 @@ def test_local_run_registers_a_challenger_that_predicts_like_the_adapter(tmp_pat
     assert "register" in printed.out + printed.err  # the tasks' logs were captured
     assert_no_credential_leaks(production_stack, [printed.out, printed.err], [tmp_path / "kfp"])
 
+@pytest.mark.slow
 def test_local_run_stops_at_validation_on_a_corrupt_image(tmp_path) -> None:
     cfg = tiny_config("tracking.tracking_uri=sqlite:///unused.db")
     data = tmp_path / "data"

@@ -160,6 +160,7 @@ def test_encoder_only_checkpoint_is_refused(tmp_path) -> None:
         create_backbone(cfg.model)
 
 
+@pytest.mark.slow
 def test_offline_hugging_face_cache_loads_without_network(tmp_path) -> None:
     """from_pretrained reads a populated cache with HF_HUB_OFFLINE=1, by the hub name."""
     source, _ = create_backbone(tiny_segformer_config("model.init_seed=3").model)
@@ -371,6 +372,7 @@ def test_summary_splits_dvpt_into_its_parts() -> None:
     assert parts["classifier"] == 4 * 16 * 2 + 2 and parts["prompt_gates"] == 7
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_at_two_batch_sizes(tmp_path) -> None:
     model = build_model(method_config("dvpt", "huggingface", "model.gate_init=0.5")).eval()
     perturb_trainable(model)

@@ -139,6 +139,9 @@ def test_splits_and_subsets_are_pinned_for_a_seed() -> None:
     result = plan_splits(samples, [fake_digest(s) for s in samples], DataConfig(format="kvasir", folds=1, label_ratio=0.5))
     names = {name: sorted(s.path.stem for s in result.split(name)) for name in SPLITS}
     assert names == PINNED
+    graded = units(15, labels=[i % 3 for i in range(15)])  # three strata interleaved by stratified_order
+    result = plan_splits(graded, [fake_digest(s) for s in graded], DataConfig(format="ddr", label_ratio=0.4))
+    assert {name: sorted(s.path.stem for s in result.split(name)) for name in SPLITS} == PINNED_STRATIFIED
 
 
 # Recorded from this implementation (split seed 0, streams 0 and 1): a change here changes every
@@ -147,6 +150,11 @@ PINNED = {
     "train": ["img000", "img002", "img007", "img008", "img009"],
     "valid": ["img001"],
     "test": ["img006", "img011"],
+}
+PINNED_STRATIFIED = {
+    "train": ["img002", "img003", "img005", "img007"],
+    "valid": ["img004", "img012"],
+    "test": ["img008", "img009", "img010"],
 }
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -123,13 +125,17 @@ def test_patients_never_straddle_splits_and_acdc_gets_70_10_20() -> None:
     assert len({s.group for s in thinned}) == 7 and len(thinned) == 7 * 20, "label ratios count patients"
 
 
-def test_duplicates_are_dropped_and_leaks_between_named_splits_are_reported() -> None:
+def test_duplicates_are_dropped_and_leaks_between_named_splits_are_reported(caplog) -> None:
     samples = images(30)
     twin = Sample(Path("/data/copy_of_img0003.jpg"), None, None, mask=Path("/data/m.png"))
     digests = [fake_digest(s) for s in samples] + [fake_digest(samples[3])]
-    result = plan_splits([*samples, twin], digests, DataConfig(format="kvasir", folds=1))
+    with caplog.at_level(logging.WARNING, logger="dvpt_core.data.splits"):
+        result = plan_splits([*samples, twin], digests, DataConfig(format="kvasir", folds=1))
     assert len(result.samples) == 30 and twin.path not in {s.path for s in result.samples}
     assert [(a.path, b.path) for a, b in result.duplicates] == [(twin.path, samples[3].path)]
+    assert f"dropped 1 duplicate sample(s), e.g. {twin.path} (same content as {samples[3].path})" in caplog.text
+    with pytest.raises(dataclasses.FrozenInstanceError):  # validate and preprocess read one plan
+        result.labelled = []
 
     train, test = images(10, split="train"), images(5, split="test", prefix="t")
     digests = [fake_digest(s) for s in train] + [fake_digest(train[0])] + [fake_digest(s) for s in test[1:]]

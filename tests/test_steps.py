@@ -12,7 +12,12 @@ curve peaks early by construction.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from onnx import TensorProto, helper
 from safetensors.torch import load_file
@@ -33,8 +39,10 @@ from dvpt_core.engine import predict
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import load_adapter
 from dvpt_core.steps.evaluate import evaluate
+from dvpt_core.checkpoint import CHECKPOINT_FILE
+from dvpt_core.steps import train as train_step
 from dvpt_core.steps.register import register
-from dvpt_core.steps.train import train
+from dvpt_core.steps.train import ACTIVE_FILE, train
 from tests.helpers import tiny_config
 from tests.test_methods import OWN
 
@@ -103,6 +111,9 @@ def test_the_best_epoch_by_validation_kappa_is_kept_not_the_last(trained: dict, 
     rows = history(trained["dir"])
     kappas = [row["val_kappa"] for row in rows]
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+    # Two steps an epoch, no warm-up: the cosine from 0.05 to 0 over 10 steps, read after each epoch's last step.
+    assert [row["lr"] for row in rows] == pytest.approx([0.025 * (1 + math.cos(math.pi * 2 * e / 10)) for e in range(1, 6)],
+                                                        abs=1e-9)
     best = max(range(len(kappas)), key=lambda i: (kappas[i], -i))  # the first of the highest
     assert kappas[best] > kappas[-1], f"the validation curve must peak before the last epoch here: {kappas}"
     summary = trained["summary"]
@@ -167,3 +178,90 @@ def test_register_sets_the_alias_with_the_lineage_and_registers_a_run_once(train
     assert (tags["method"], tags["backbone"], tags["random_weights"]) == ("dvpt", adapter["backbone"], "true")
     assert tags["backbone_fingerprint"] == adapter["backbone_fingerprint"]
     assert json.loads((workspace / "registry1" / "registered.json").read_text())["version"] == first["version"]
+
+
+class StopAtEpoch:
+    """The real epoch loop, with ``error`` raised when the given epoch starts (a Ctrl-C, a SIGTERM
+    turned into an exception, or a failure such as a collective whose peer died); records the
+    progress bar's description of every epoch."""
+
+    def __init__(self, epoch: int, error: BaseException) -> None:
+        self.epoch, self.error, self.descriptions = epoch, error, []
+        self.real = train_step.train_one_epoch
+
+    def __call__(self, *args, **kwargs) -> float:
+        self.descriptions.append(kwargs["desc"])
+        if len(self.descriptions) == self.epoch:
+            raise self.error
+        return self.real(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("error", "status", "message"), [
+    (KeyboardInterrupt(), "KILLED", "training interrupted (Ctrl-C) after 1 epochs; run the same command again to resume from {}"),
+    (RuntimeError("peer died\nsecond line"), "FAILED", "training failed after 1 epochs (peer died); run the same command again to resume from {}"),
+], ids=["ctrl-c", "failure"])
+def test_an_interrupted_run_is_closed_keeps_its_checkpoint_and_resumes(workspace: Path, monkeypatch, caplog, error, status,
+                                                                       message) -> None:
+    cfg = config(workspace, "train.epochs=3", "train.max_steps_per_epoch=1", f"tracking.experiment=lifecycle-{status}")
+    out = workspace / f"lifecycle-{status}"
+    stop = StopAtEpoch(2, error)
+    monkeypatch.setattr(train_step, "train_one_epoch", stop)
+    with pytest.raises(type(error)), caplog.at_level(logging.WARNING, logger="dvpt_core.steps.train"):
+        train(cfg, workspace / "cache", out)
+    assert stop.descriptions == ["epoch 1/3", "epoch 2/3"]
+    assert message.format(out / CHECKPOINT_FILE) in caplog.messages
+    client = MlflowClient(cfg.tracking.resolved_uri())
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.status for r in runs] == [status]
+    assert (out / CHECKPOINT_FILE).is_file() and not (out / ACTIVE_FILE).exists()
+    assert not (out / "adapter").exists() and not (out / "run.json").exists(), "an unfinished run must not look finished"
+    monkeypatch.undo()
+    summary = train(cfg, workspace / "cache", out)
+    assert summary["run_id"] == runs[0].info.run_id, "the next attempt must resume the same MLflow run"
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    assert [row["epoch"] for row in history(out)] == [1, 2, 3]
+    assert not (out / CHECKPOINT_FILE).exists() and not (out / ACTIVE_FILE).exists()
+
+
+def test_a_folder_owned_by_a_live_process_is_refused_and_a_dead_owners_run_closed(workspace: Path) -> None:
+    cfg = config(workspace, "train.epochs=1", "train.max_steps_per_epoch=1", "tracking.experiment=lifecycle-owner")
+    out = workspace / "lifecycle-owner"
+    out.mkdir()
+    client = MlflowClient(cfg.tracking.resolved_uri())
+    experiment = client.create_experiment(cfg.tracking.experiment)
+    orphan = client.create_run(experiment).info.run_id  # left RUNNING by a process that died
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim = {"run_id": orphan, "pid": owner.pid, "host": socket.gethostname()}
+        (out / ACTIVE_FILE).write_text(json.dumps(claim))
+        with pytest.raises(RuntimeError, match=f"in use by process {owner.pid}"):
+            train(cfg, workspace / "cache", out)
+        assert client.get_run(orphan).info.status == "RUNNING"
+    finally:
+        owner.kill()
+        owner.wait()
+    summary = train(cfg, workspace / "cache", out)
+    closed = client.get_run(orphan)
+    assert closed.info.status == "KILLED" and "dvpt.closed_by" in closed.data.tags
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED" and summary["run_id"] != orphan
+
+    # A dead process's claim on a run that did finish leaves that run as it is.
+    (out / ACTIVE_FILE).write_text(json.dumps({"run_id": summary["run_id"], "pid": owner.pid, "host": socket.gethostname()}))
+    again = train(cfg, workspace / "cache", out)
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED" and again["run_id"] != summary["run_id"]
+
+
+def test_a_lost_server_turns_tracking_off_with_one_line(tmp_path: Path, caplog) -> None:
+    live = train_step._LiveLog(tmp_path, {}, {}, None)
+    calls: list[str] = []
+
+    def lost(name: str) -> None:
+        calls.append(name)
+        raise MlflowException("connection refused " + "x" * 300 + "\nretries exhausted")
+
+    with caplog.at_level(logging.WARNING, logger="dvpt_core.steps.train"):
+        live.call(lost, "first")
+        live.call(lost, "second")
+    assert calls == ["first"] and not live.online, "after the first failure no call may wait on the server again"
+    reason = ("connection refused " + "x" * 300)[:200]
+    assert caplog.messages == [f"MLflow stopped answering ({reason}); training goes on locally and syncs at the end"]

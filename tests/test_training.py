@@ -97,6 +97,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "data": root / "data", "validation": root / "validation", "cache": root / "cache"}
 
 
+@pytest.mark.slow
 def test_train_records_inputs_validation_names_and_the_logged_model(prepared: dict[str, Path], tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(f"tracking.tracking_uri={uri}", "train.epochs=2")

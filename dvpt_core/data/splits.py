@@ -95,11 +95,8 @@ def file_digests(paths: Sequence[Path]) -> list[str]:
 
 
 def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def plan_splits(samples: Sequence[Sample], digests: Sequence[str], data: DataConfig) -> SplitPlan:

@@ -235,7 +235,7 @@ def _close_interrupted(out_dir: Path, state: TrainingState, live: _LiveLog, stop
     marked KILLED and the last checkpoint stays for the next attempt."""
     _close_unfinished(out_dir, state, live, "KILLED")
     log.warning("training interrupted (%s) after %d epochs; run the same command again to resume from %s",
-                stop or "Ctrl-C", state.epoch, out_dir / CHECKPOINT_FILE)
+                str(stop) or "Ctrl-C", state.epoch, out_dir / CHECKPOINT_FILE)
 
 
 def _close_failed(out_dir: Path, state: TrainingState, live: _LiveLog, err: Exception) -> None:
