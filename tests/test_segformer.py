@@ -218,6 +218,45 @@ def test_logits_come_at_the_input_resolution() -> None:
         assert model(images(2, size=96)).shape == (2, 2, 96, 96)
 
 
+# --- VPT-deep on SegFormer -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stage", "reduction"), [(0, 8), (3, 1)])
+def test_vpt_prompts_join_the_keys_and_values_of_the_efficient_attention(stage: int, reduction: int) -> None:
+    """A block's m prompts go through the block's LayerNorm like its tokens and, where the keys
+    are spatially reduced, through the reduction's LayerNorm (a prompt has no place on the grid
+    the strided convolution reduces); they join the keys and values, and the queries are the
+    image tokens alone. Written out per head with softmax, against stage 1 (16x16 tokens, keys
+    reduced 8x) and stage 4 (2x2 tokens, no reduction)."""
+    model = build_model(tiny_segformer_config("model.method=vpt_deep", "model.vpt.prompts=3")).eval()
+    perturb_trainable(model)
+    block = model.backbone.segformer.stages[stage].blocks[0]
+    wrapped, a = block.attention, block.attention.attn
+    assert a.sequence_reduction_ratio == reduction
+    side = 16 if stage == 0 else 2
+    width, heads, m = a.q_proj.in_features, a.num_attention_heads, 3
+    x = torch.randn(2, side * side, width)
+    with torch.no_grad():
+        prompts = block.layernorm_before(wrapped.prompts.tokens[0])
+        tokens = x
+        if reduction > 1:
+            sr = a.sequence_reduction
+            grid = x.transpose(1, 2).reshape(2, width, side, side)
+            tokens = sr.layer_norm(sr.sequence_reduction(grid).flatten(2).transpose(1, 2))
+            prompts = sr.layer_norm(prompts)
+        keys = torch.cat([prompts.expand(2, m, width), tokens], dim=1)
+        q, k, v = a.q_proj(x), a.k_proj(keys), a.v_proj(keys)
+        d = width // heads
+        outs = []
+        for h in range(heads):
+            qh, kh, vh = (t[..., h * d:(h + 1) * d] for t in (q, k, v))
+            outs.append(torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1) @ vh)
+        expected = a.o_proj(torch.cat(outs, dim=-1))
+        got, _ = wrapped(x, side, side)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert keys.shape[1] == m + (side // reduction) ** 2
+
+
 # --- DVPT on SegFormer -----------------------------------------------------------------------
 
 

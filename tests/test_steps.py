@@ -40,9 +40,11 @@ from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import load_adapter
 from dvpt_core.steps.evaluate import evaluate
 from dvpt_core.checkpoint import CHECKPOINT_FILE
+from dvpt_core.steps import sync as sync_step
 from dvpt_core.steps import train as train_step
 from dvpt_core.steps.register import register
 from dvpt_core.steps.train import ACTIVE_FILE, train
+from dvpt_core.tracking import TrackingUnavailable
 from tests.helpers import tiny_config
 from tests.test_methods import OWN
 
@@ -198,7 +200,8 @@ class StopAtEpoch:
 
 @pytest.mark.parametrize(("error", "status", "message"), [
     (KeyboardInterrupt(), "KILLED", "training interrupted (Ctrl-C) after 1 epochs; run the same command again to resume from {}"),
-    (RuntimeError("peer died\nsecond line"), "FAILED", "training failed after 1 epochs (peer died); run the same command again to resume from {}"),
+    (RuntimeError("peer died " + "x" * 300 + "\nsecond line"), "FAILED",
+     "training failed after 1 epochs (" + ("peer died " + "x" * 300)[:200] + "); run the same command again to resume from {}"),
 ], ids=["ctrl-c", "failure"])
 def test_an_interrupted_run_is_closed_keeps_its_checkpoint_and_resumes(workspace: Path, monkeypatch, caplog, error, status,
                                                                        message) -> None:
@@ -206,13 +209,15 @@ def test_an_interrupted_run_is_closed_keeps_its_checkpoint_and_resumes(workspace
     out = workspace / f"lifecycle-{status}"
     stop = StopAtEpoch(2, error)
     monkeypatch.setattr(train_step, "train_one_epoch", stop)
-    with pytest.raises(type(error)), caplog.at_level(logging.WARNING, logger="dvpt_core.steps.train"):
+    with pytest.raises(type(error)), caplog.at_level(logging.INFO, logger="dvpt_core.steps.train"):
         train(cfg, workspace / "cache", out)
     assert stop.descriptions == ["epoch 1/3", "epoch 2/3"]
     assert message.format(out / CHECKPOINT_FILE) in caplog.messages
+    assert any(m.startswith("epoch 1: train_loss=") and ", lr=" in m for m in caplog.messages)
     client = MlflowClient(cfg.tracking.resolved_uri())
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert [r.info.status for r in runs] == [status]
+    assert runs[0].data.tags["WARNING"].startswith("RANDOM WEIGHTS"), "a run on random weights must say so"
     assert (out / CHECKPOINT_FILE).is_file() and not (out / ACTIVE_FILE).exists()
     assert not (out / "adapter").exists() and not (out / "run.json").exists(), "an unfinished run must not look finished"
     monkeypatch.undo()
@@ -236,7 +241,12 @@ def test_a_folder_owned_by_a_live_process_is_refused_and_a_dead_owners_run_close
         (out / ACTIVE_FILE).write_text(json.dumps(claim))
         with pytest.raises(RuntimeError, match=f"in use by process {owner.pid}"):
             train(cfg, workspace / "cache", out)
+        # This test's parent: alive, and (pids count up) older than this process.
+        (out / ACTIVE_FILE).write_text(json.dumps({**claim, "pid": os.getppid()}))
+        with pytest.raises(RuntimeError, match=f"in use by process {os.getppid()}"):
+            train(cfg, workspace / "cache", out)
         assert client.get_run(orphan).info.status == "RUNNING"
+        (out / ACTIVE_FILE).write_text(json.dumps(claim))  # the owner, about to die
     finally:
         owner.kill()
         owner.wait()
@@ -244,6 +254,12 @@ def test_a_folder_owned_by_a_live_process_is_refused_and_a_dead_owners_run_close
     closed = client.get_run(orphan)
     assert closed.info.status == "KILLED" and "dvpt.closed_by" in closed.data.tags
     assert client.get_run(summary["run_id"]).info.status == "FINISHED" and summary["run_id"] != orphan
+
+    # This process's own claim (an attempt in this process that died before it could let go) is no obstacle.
+    mine = client.create_run(experiment).info.run_id
+    (out / ACTIVE_FILE).write_text(json.dumps({"run_id": mine, "pid": os.getpid(), "host": socket.gethostname()}))
+    summary = train(cfg, workspace / "cache", out)
+    assert client.get_run(mine).info.status == "KILLED"
 
     # A dead process's claim on a run that did finish leaves that run as it is.
     (out / ACTIVE_FILE).write_text(json.dumps({"run_id": summary["run_id"], "pid": owner.pid, "host": socket.gethostname()}))
@@ -265,3 +281,23 @@ def test_a_lost_server_turns_tracking_off_with_one_line(tmp_path: Path, caplog) 
     assert calls == ["first"] and not live.online, "after the first failure no call may wait on the server again"
     reason = ("connection refused " + "x" * 300)[:200]
     assert caplog.messages == [f"MLflow stopped answering ({reason}); training goes on locally and syncs at the end"]
+
+
+def test_a_server_lost_at_the_end_leaves_the_result_marked_unsynced_until_dvpt_sync(workspace: Path, monkeypatch) -> None:
+    # weight_decay_on=all: one AdamW parameter group, whose learning rate the history must read too.
+    cfg = config(workspace, "train.epochs=1", "train.max_steps_per_epoch=1", "train.weight_decay_on=all",
+                 "tracking.experiment=lifecycle-sync")
+    out = workspace / "lifecycle-sync"
+
+    def lost(*args) -> None:
+        raise MlflowException("connection refused")
+
+    monkeypatch.setattr(sync_step, "_send", lost)
+    with pytest.raises(TrackingUnavailable, match="once it is back, run: dvpt sync"):
+        train(cfg, workspace / "cache", out)
+    assert json.loads((out / "run.json").read_text())["synced"] is False
+    assert (out / "adapter" / "adapter.safetensors").is_file()
+    monkeypatch.undo()
+    summary = sync_step.sync(cfg, out)
+    assert summary["synced"] is True and json.loads((out / "run.json").read_text())["synced"] is True
+    assert MlflowClient(cfg.tracking.resolved_uri()).get_run(summary["run_id"]).info.status == "FINISHED"
