@@ -1,6 +1,6 @@
 """Mutation testing of the core (issue 12) with Cosmic Ray, one module at a time.
 
-    python mutation/run.py [--module PATH ...] [--retest-survivors] [--report-only]
+    python mutation/run.py [--module PATH ...] [--sample FRACTION] [--retest-survivors] [--report-only]
 
 For each module (default: every module in ``mutation/targets.toml``) this
 
@@ -14,6 +14,9 @@ For each module (default: every module in ``mutation/targets.toml``) this
 5. writes ``mutation/results/<module>.json`` and regenerates ``mutation/REPORT.md``
    (``report.py``), which sets aside the survivors listed in ``mutation/equivalent.toml``.
 
+``--sample FRACTION`` tests a seeded random sample of the module's mutants (the same sample on every
+machine: the generator is seeded with the module's path), for a module whose every mutant would
+take hours; the report marks the rate as a sample's and gives its 95% interval.
 ``--retest-survivors`` re-tests only the survivors of the module's last session (after tests were
 added), and the mutants that session had not reached when it was stopped; without a session in
 ``.mutation/`` (a fresh checkout: it is not versioned) it starts one and carries over the mutants
@@ -28,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -55,6 +59,7 @@ SERVER_START_S = 300
 # A mutant's tests may run this many times longer than the unmutated tests before it counts as
 # killed by timeout (an endless loop), plus a fixed allowance for a loaded machine.
 TIMEOUT_FACTOR, TIMEOUT_SLACK_S = 4.0, 60.0
+NOT_SAMPLED = "not in the sample"
 
 
 def load_targets() -> dict:
@@ -114,7 +119,7 @@ def tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run_module(module: str, targets: dict, retest: bool) -> None:
+def run_module(module: str, targets: dict, retest: bool, sample: float | None = None) -> None:
     entry = targets["modules"].get(module)
     if entry is None:
         raise SystemExit(f"{module} is not in {TARGETS.relative_to(REPO)}; known: {', '.join(targets['modules'])}")
@@ -143,6 +148,9 @@ def run_module(module: str, targets: dict, retest: bool) -> None:
         else:
             subprocess.run([tool("cosmic-ray"), "init", str(config), str(session), "--force"], cwd=TREE, env=env, check=True)
             subprocess.run([tool("cr-filter-operators"), str(session), str(config)], cwd=TREE, env=env, check=True)
+            if sample is not None:
+                log.info("%s: %d mutants left out of the %.0f%% sample", module, leave_out_of_sample(module, session, sample),
+                         100 * sample)
             if retest:
                 log.info("%s: no session in %s; %d mutants killed in the stored results are not re-tested",
                          module, WORK, seed_from_results(module, session))
@@ -154,6 +162,19 @@ def run_module(module: str, targets: dict, retest: bool) -> None:
         server.kill()
         server.wait()
         SOCKET.unlink(missing_ok=True)
+
+
+def leave_out_of_sample(module: str, session: Path, fraction: float) -> int:
+    """Mark all but a seeded random ``fraction`` of the untested mutants as skipped."""
+    with sqlite3.connect(session) as db:
+        jobs = [row[0] for row in db.execute(
+            "SELECT s.job_id FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id "
+            "WHERE r.job_id IS NULL ORDER BY s.job_id")]
+        kept = set(random.Random(module).sample(jobs, round(fraction * len(jobs))))
+        left_out = [job for job in jobs if job not in kept]
+        db.executemany("INSERT INTO work_results (job_id, worker_outcome, output, test_outcome, diff) "
+                       "VALUES (?, 'SKIPPED', ?, NULL, NULL)", [(job, NOT_SAMPLED) for job in left_out])
+    return len(left_out)
 
 
 def forget_survivors(session: Path) -> None:
@@ -206,10 +227,13 @@ def save_results(module: str, session: Path, args: list[str], baseline_s: float,
             "FROM mutation_specs s JOIN work_results r ON s.job_id = r.job_id "
             "ORDER BY s.start_pos_row, s.start_pos_col, s.operator_name, s.occurrence"
         ).fetchall()
-    mutants, skipped = [], 0
+    mutants, skipped, not_sampled = [], 0, 0
     for operator, occurrence, row, col, definition, worker, test, output, diff in rows:
         if worker == "SKIPPED":
-            skipped += 1
+            if output == NOT_SAMPLED:
+                not_sampled += 1
+            else:
+                skipped += 1
             continue
         original, mutant = changed_lines(diff or "", lines[row - 1])
         outcome = (test or worker).lower()
@@ -223,7 +247,7 @@ def save_results(module: str, session: Path, args: list[str], baseline_s: float,
         "module": module, "tests": args, "pytest": PYTEST_ARGS,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": git_describe(), "baseline_s": round(baseline_s, 1), "run_s": round(elapsed_s),
-        "excluded_by_operator": skipped, "mutants": mutants,
+        "excluded_by_operator": skipped, "not_sampled": not_sampled, "mutants": mutants,
     }
     path = RESULTS / f"{module.replace('/', '.')}.json"
     tmp = path.with_suffix(".tmp")
@@ -247,9 +271,13 @@ def git_describe() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", help="a module path from mutation/targets.toml (repeatable)")
+    parser.add_argument("--sample", type=float, metavar="FRACTION",
+                        help="test a seeded random sample of each module's mutants (0 < FRACTION <= 1)")
     parser.add_argument("--retest-survivors", action="store_true", help="re-test only the last session's survivors")
     parser.add_argument("--report-only", action="store_true", help="only rewrite mutation/REPORT.md")
     args = parser.parse_args(argv)
+    if args.sample is not None and not 0 < args.sample <= 1:
+        parser.error(f"--sample {args.sample}: give a fraction above 0 and at most 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     targets = load_targets()
     if not args.report_only:
@@ -260,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             except BlockingIOError:
                 raise SystemExit(f"another mutation run holds {WORK / 'lock'}") from None
             for module in args.module or list(targets["modules"]):
-                run_module(module, targets, args.retest_survivors)
+                run_module(module, targets, args.retest_survivors, args.sample)
                 report.write_report(targets)
     report.write_report(targets)
     return 0
