@@ -221,19 +221,19 @@ def test_logits_come_at_the_input_resolution() -> None:
 # --- VPT-deep on SegFormer -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("stage", "reduction"), [(0, 8), (3, 1)])
+@pytest.mark.parametrize(("stage", "reduction"), [(0, 8), (2, 2), (3, 1)])
 def test_vpt_prompts_join_the_keys_and_values_of_the_efficient_attention(stage: int, reduction: int) -> None:
     """A block's m prompts go through the block's LayerNorm like its tokens and, where the keys
     are spatially reduced, through the reduction's LayerNorm (a prompt has no place on the grid
     the strided convolution reduces); they join the keys and values, and the queries are the
     image tokens alone. Written out per head with softmax, against stage 1 (16x16 tokens, keys
-    reduced 8x) and stage 4 (2x2 tokens, no reduction)."""
+    reduced 8x), stage 3 (4x4 tokens, reduced 2x) and stage 4 (2x2 tokens, no reduction)."""
     model = build_model(tiny_segformer_config("model.method=vpt_deep", "model.vpt.prompts=3")).eval()
     perturb_trainable(model)
     block = model.backbone.segformer.stages[stage].blocks[0]
     wrapped, a = block.attention, block.attention.attn
     assert a.sequence_reduction_ratio == reduction
-    side = 16 if stage == 0 else 2
+    side = 16 >> stage
     width, heads, m = a.q_proj.in_features, a.num_attention_heads, 3
     x = torch.randn(2, side * side, width)
     with torch.no_grad():

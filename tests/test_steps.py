@@ -39,6 +39,7 @@ from dvpt_core.engine import predict
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import load_adapter
 from dvpt_core.steps.evaluate import evaluate
+from dvpt_core.tasks import classification as classification_task
 from dvpt_core.checkpoint import CHECKPOINT_FILE
 from dvpt_core.steps import sync as sync_step
 from dvpt_core.steps import train as train_step
@@ -128,16 +129,30 @@ def test_the_best_epoch_by_validation_kappa_is_kept_not_the_last(trained: dict, 
     assert run.data.metrics["best_val_kappa"] == pytest.approx(kappas[best])
 
 
-def test_evaluate_scores_the_adapter_like_scikit_learn(trained: dict, workspace: Path) -> None:
-    report = evaluate(trained["cfg"], workspace / "cache", trained["dir"], workspace / "evaluation")
+def test_evaluate_scores_the_adapter_like_scikit_learn(trained: dict, workspace: Path, monkeypatch) -> None:
+    evaluate(trained["cfg"], workspace / "cache", trained["dir"], workspace / "evaluated" / "test")
+    titles: list[str] = []
+    plot = classification_task.plot_confusion_matrix
+    monkeypatch.setattr(classification_task, "plot_confusion_matrix", lambda *a: titles.append(a[-1]) or plot(*a))
+    # Again over its own output (a DVC re-run), with augmentation and shuffling switched on for
+    # training: evaluation must use neither.
+    augmented = trained["cfg"].model_copy(update={"train": trained["cfg"].train.model_copy(update={
+        "hflip": True, "vflip": True, "crop_scale": (0.3, 1.0)})})
+    report = evaluate(augmented, workspace / "cache", trained["dir"], workspace / "evaluated" / "test")
     preds, labels = adapter_predictions(trained["dir"], workspace / "cache", "test", trained["cfg"])
     assert report["kappa"] == pytest.approx(cohen_kappa_score(labels, preds, weights="quadratic", labels=GRADES), abs=1e-6)
     assert report["accuracy"] == pytest.approx(accuracy_score(labels, preds))
     assert report["confusion_matrix"] == confusion_matrix(labels, preds, labels=GRADES).tolist()
     assert (report["samples"], report["split"], report["random_weights"]) == (N, "test", True)
-    written = json.loads((workspace / "evaluation" / "metrics.json").read_text())
+    assert titles == ["vit_tiny_patch16_224 + dvpt on test (RANDOM WEIGHTS)"], "a plot of random weights must say so"
+    # Each per-sample record (what promotion pairs across models) holds that sample's own label and prediction.
+    records = json.loads((workspace / "evaluated" / "test" / "test_samples.json").read_text())
+    table = [dict(zip(records["columns"], row)) for row in records["rows"]]
+    assert [(r["sample"], r["label"], r["pred"]) for r in table] == [
+        (f"test/{i}.png", int(label), int(pred)) for i, (label, pred) in enumerate(zip(labels, preds))]
+    written = json.loads((workspace / "evaluated" / "test" / "metrics.json").read_text())
     assert written == {k: report[k] for k in written}
-    assert (workspace / "evaluation" / "figures" / "confusion_matrix.png").stat().st_size > 0
+    assert (workspace / "evaluated" / "test" / "figures" / "confusion_matrix.png").stat().st_size > 0
     metrics = MlflowClient(trained["cfg"].tracking.resolved_uri()).get_run(trained["summary"]["run_id"]).data.metrics
     assert metrics["test_kappa"] == pytest.approx(report["kappa"]) and metrics["test_samples"] == N
 
@@ -206,7 +221,7 @@ class StopAtEpoch:
 def test_an_interrupted_run_is_closed_keeps_its_checkpoint_and_resumes(workspace: Path, monkeypatch, caplog, error, status,
                                                                        message) -> None:
     cfg = config(workspace, "train.epochs=3", "train.max_steps_per_epoch=1", f"tracking.experiment=lifecycle-{status}")
-    out = workspace / f"lifecycle-{status}"
+    out = workspace / "lifecycle" / status  # a folder whose parent does not exist yet
     stop = StopAtEpoch(2, error)
     monkeypatch.setattr(train_step, "train_one_epoch", stop)
     with pytest.raises(type(error)), caplog.at_level(logging.INFO, logger="dvpt_core.steps.train"):
