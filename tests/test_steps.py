@@ -43,7 +43,8 @@ from dvpt_core.tasks import classification as classification_task
 from dvpt_core.checkpoint import CHECKPOINT_FILE
 from dvpt_core.steps import sync as sync_step
 from dvpt_core.steps import train as train_step
-from dvpt_core.steps.register import register
+from dvpt_core.steps import register as register_step
+from dvpt_core.steps.register import RegistrationError, register
 from dvpt_core.steps.train import ACTIVE_FILE, train
 from dvpt_core.tracking import TrackingUnavailable
 from tests.helpers import tiny_config
@@ -316,3 +317,88 @@ def test_a_server_lost_at_the_end_leaves_the_result_marked_unsynced_until_dvpt_s
     summary = sync_step.sync(cfg, out)
     assert summary["synced"] is True and json.loads((out / "run.json").read_text())["synced"] is True
     assert MlflowClient(cfg.tracking.resolved_uri()).get_run(summary["run_id"]).info.status == "FINISHED"
+
+
+def registering(trained: dict, name: str, *overrides: str) -> ExperimentConfig:
+    tracking = {"registered_model": name, **dict(o.split("=", 1) for o in overrides)}
+    return trained["cfg"].model_copy(update={"tracking": trained["cfg"].tracking.model_copy(update=tracking)})
+
+
+@pytest.mark.parametrize("alias", ["latest", "LATEST", "v3", "V12", "has space", "", "a" * 256, "café"])
+def test_an_alias_mlflow_would_refuse_is_refused_before_any_version_exists(trained: dict, workspace: Path,
+                                                                          alias: str) -> None:
+    cfg = registering(trained, "steps-alias", f"alias={alias}")
+    tiny_onnx(workspace / "export" / "model.onnx")
+    with pytest.raises(RegistrationError, match="is not a valid MLflow alias"):
+        register(cfg, trained["dir"], workspace / "export", workspace / "registry-alias")
+    assert not MlflowClient(cfg.tracking.resolved_uri()).search_model_versions("name='steps-alias'")
+
+
+@pytest.mark.parametrize("alias", ["v", "v3a", "vv3", "latest2", "a" * 255, "champion-2_b"])
+def test_the_nearest_valid_aliases_pass_the_check(tmp_path: Path, alias: str) -> None:
+    model = tiny_onnx(tmp_path / "model.onnx")
+    register_step._precheck(alias, {"synced": True, "model_uri": "models:/m-1"}, model, tmp_path)
+
+
+@pytest.mark.parametrize(("run", "onnx_file", "message"), [
+    ({"synced": True, "model_uri": "models:/m-1"}, False, "does not exist: run the export step first"),
+    ({"synced": False, "model_uri": "models:/m-1"}, True, "has not reached MLflow yet: run dvpt sync"),
+    ({"synced": True, "model_uri": None}, True, "has not reached MLflow yet: run dvpt sync"),
+], ids=["no graph", "unsynced", "no logged model"])
+def test_a_missing_graph_or_an_unsynced_run_is_refused_naming_the_step(tmp_path: Path, run: dict, onnx_file: bool,
+                                                                        message: str) -> None:
+    model = tiny_onnx(tmp_path / "model.onnx") if onnx_file else tmp_path / "model.onnx"
+    with pytest.raises(RegistrationError, match=message):
+        register_step._precheck("challenger", run, model, tmp_path)
+
+
+def test_registering_inside_a_dvc_experiment_is_skipped_unless_asked(trained: dict, workspace: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-ibex")
+    out = workspace / "registry-exp"
+    result = register(registering(trained, "steps-exp"), trained["dir"], workspace / "export", out)
+    assert result["registered"] is False and "DVC experiment lucid-ibex" in result["reason"]
+    assert json.loads((out / "registered.json").read_text()) == result
+
+
+def test_a_failed_alias_move_removes_the_version_or_marks_it_failed(trained: dict, workspace: Path, monkeypatch) -> None:
+    cfg = registering(trained, "steps-undo")
+    tiny_onnx(workspace / "export" / "model.onnx")
+    client = MlflowClient(cfg.tracking.resolved_uri())
+
+    def refused(*args) -> None:
+        raise MlflowException("alias service down")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refused)
+    with pytest.raises(RegistrationError, match="the version was removed, nothing is registered"):
+        register(cfg, trained["dir"], workspace / "export", workspace / "registry-undo")
+    assert not client.search_model_versions("name='steps-undo'")
+    assert not (workspace / "registry-undo" / "registered.json").exists()
+
+    monkeypatch.setattr(MlflowClient, "delete_model_version", refused)  # and the clean-up fails too
+    with pytest.raises(RegistrationError):
+        register(cfg, trained["dir"], workspace / "export", workspace / "registry-undo")
+    [left] = client.search_model_versions("name='steps-undo'")
+    assert left.tags["dvpt.registration"] == "failed"
+    monkeypatch.undo()
+    result = register(cfg, trained["dir"], workspace / "export", workspace / "registry-undo")
+    assert result["version"] != left.version, "a version marked failed is never reused"
+
+
+def test_a_version_describes_its_lineage_and_random_weights_before_its_card(trained: dict, workspace: Path,
+                                                                             monkeypatch) -> None:
+    cfg = registering(trained, "steps-card")
+    tiny_onnx(workspace / "export" / "model.onnx")
+
+    def no_card(*args) -> None:
+        raise RuntimeError("card renderer down")
+
+    monkeypatch.setattr(register_step, "publish_model_card", no_card)
+    with pytest.raises(RuntimeError, match="card renderer down"):
+        register(cfg, trained["dir"], workspace / "export", workspace / "registry-card")
+    [version] = MlflowClient(cfg.tracking.resolved_uri()).search_model_versions("name='steps-card'")
+    adapter = json.loads((trained["dir"] / "adapter" / "adapter.json").read_text())
+    assert version.description.startswith(f"dvpt adapter over {adapter['backbone']} (weights fingerprint "
+                                          f"{adapter['backbone_fingerprint'][:12]}), classification of 5 classes")
+    assert "\n\nRANDOM WEIGHTS" in version.description
+    assert version.tags["task"] == "classification" and version.tags["stand_in_weights"] == "false"
+    assert version.tags["onnx_model_uri"].startswith("models:/")
