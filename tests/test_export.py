@@ -40,10 +40,19 @@ def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method, expor
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     save_adapter(model, cfg, tmp_path / "train" / "adapter")
-    report = export(cfg, cache, tmp_path / "train", tmp_path / "export")
+    out = tmp_path / "export" / method  # a folder whose parent does not exist yet
+    report = export(cfg, cache, tmp_path / "train", out)
+    if exporter == "torchscript":  # a re-run (DVC) exports over the last export
+        report = export(cfg, cache, tmp_path / "train", out)
     assert report["max_abs_diff"] <= 1e-4
-    assert json.loads((tmp_path / "export" / "export.json").read_text())["opset"] == cfg.export.opset
-    session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"))
+    written = json.loads((out / "export.json").read_text())
+    assert written == report and written["opset"] == cfg.export.opset
+    size = cfg.model.image_size
+    assert (written["input_shape"], written["output_shape"]) == (["batch", 3, size, size], ["batch", 5])
+    assert written["parity_batch_sizes"] == [1, 8], "parity is checked at batch 1 and at a full batch"
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    assert written["bytes"] == (out / "model.onnx").stat().st_size
+    session = ort.InferenceSession(str(out / "model.onnx"))
     split = CachedSplit(cache / "test", model.info.mean, model.info.std)
     batch = torch.stack([split[i][0] for i in range(5)])
     with torch.no_grad():

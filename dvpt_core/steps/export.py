@@ -93,8 +93,9 @@ def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Pat
     loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg, image_size=info.image_size)
     images, _ = next(iter(loader))
     candidate = export_onnx(model, images[:2], out_dir / ".candidate.onnx", cfg.export.opset, cfg.export.exporter)
+    batches = [images[:1], images[: min(len(images), 8)]]
     try:
-        outputs = onnx_outputs(model, candidate, [images[:1], images[: min(len(images), 8)]])
+        outputs = onnx_outputs(model, candidate, batches)
         parity, problem = task.parity(outputs, cfg.export.parity_atol)
         if problem:
             raise ExportParityError(f"{problem}; nothing was written to {out_dir / 'model.onnx'}")
@@ -104,7 +105,8 @@ def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Pat
         candidate.unlink(missing_ok=True)
     report = {
         "onnx": path.name, "task": task.name, "opset": cfg.export.opset, **parity,
-        "tolerance": cfg.export.parity_atol, "input": INPUT, "output": OUTPUT,
+        "tolerance": cfg.export.parity_atol, "parity_batch_sizes": [len(b) for b in batches],
+        "input": INPUT, "output": OUTPUT,
         "input_shape": ["batch", 3, info.image_size, info.image_size],
         "output_shape": task.logits_shape("batch", info.image_size, cfg.data.num_classes),
         "mean": list(info.mean), "std": list(info.std), "class_names": cfg.data.class_names,
