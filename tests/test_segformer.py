@@ -235,6 +235,7 @@ def test_vpt_prompts_join_the_keys_and_values_of_the_efficient_attention(stage: 
     assert a.sequence_reduction_ratio == reduction
     side = 16 >> stage
     width, heads, m = a.q_proj.in_features, a.num_attention_heads, 3
+    assert wrapped.prompts.tokens.shape == (1, m, width), "one set of m prompts per block"
     x = torch.randn(2, side * side, width)
     with torch.no_grad():
         prompts = block.layernorm_before(wrapped.prompts.tokens[0])
