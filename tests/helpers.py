@@ -58,7 +58,7 @@ TINY_SEGFORMER = [
     "num_attention_heads: [1, 1, 2, 2], decoder_hidden_size: 16}",
     "model.image_size=64",
     "model.segformer.prompts=3",
-    "data.class_names=[background, polyp]",
+    "data.format=kvasir",
 ]
 
 

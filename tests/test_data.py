@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import shutil
 from pathlib import Path
@@ -182,6 +183,11 @@ def test_validation_passes_on_clean_synthetic_data(tiny_root: Path, tmp_path: Pa
     assert all(e["success"] for e in result["expectations"])
     assert (tmp_path / "report" / "data_docs" / "index.html").is_file()
     assert len((tmp_path / "report" / "manifest.csv").read_text().splitlines()) == 1 + 24
+    # Great Expectations' own INFO chatter is kept out of the step's log (its loggers at WARNING).
+    chatty = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+              if name.startswith("great_expectations") and isinstance(logger, logging.Logger)
+              and logging.NOTSET < logger.level < logging.WARNING}
+    assert not chatty and logging.getLogger("great_expectations").level == logging.WARNING
 
 
 def test_validation_rejects_corrupt_image_and_bad_label(tiny_copy: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from tests.helpers import (
     assert_trains_exactly,
     offline_hub_snapshot,
     run_offline,
+    tiny_config,
     tiny_segformer_config,
 )
 
@@ -126,7 +127,8 @@ def test_a_segformer_stand_in_is_pre_trained_on_segmentation_and_loads_loudly(tm
 
 
 def test_random_weights_build_the_named_variant_loudly(caplog) -> None:
-    cfg = load_config(None, ["model.backbone=nvidia/segformer-b2-finetuned-ade-512-512", "model.weights=random"])
+    cfg = load_config(None, ["model.backbone=nvidia/segformer-b2-finetuned-ade-512-512", "model.weights=random",
+                             "data.format=kvasir"])
     backbone, info = create_backbone(cfg.model)
     assert backbone.config.depths == [3, 4, 6, 3] and backbone.config.hidden_sizes == [64, 128, 320, 512]
     assert backbone.config.decoder_hidden_size == 768
@@ -330,6 +332,17 @@ def test_dvpt_segformer_initialisation_follows_the_settings() -> None:
     assert float(wide_values.abs().max()) <= 2.0 and float(wide_values.std()) > 0.8
 
 
+def test_a_model_for_the_other_task_is_refused_naming_both_settings() -> None:
+    """A SegFormer segments and a timm backbone classifies; the other pairing used to fail inside
+    the loss ("only batches of spatial targets supported")."""
+    with pytest.raises(ConfigError, match=r"is a SegFormer, which segments, but data.task=classification "
+                                          r"\(data.format=ddr\): use a timm backbone for classification"):
+        build_model(tiny_segformer_config("data.format=ddr", "data.class_names=[a, b]"))
+    with pytest.raises(ConfigError, match=r"is a timm backbone, which classifies, but data.task=segmentation "
+                                          r"\(data.format=kvasir\): use a SegFormer backbone for segmentation"):
+        build_model(tiny_config("data.format=kvasir"))
+
+
 def test_shallow_vpt_is_refused_on_segformer_with_the_reason() -> None:
     with pytest.raises(ConfigError, match="vpt_shallow is not available for segformer backbones: .*vpt_deep"):
         build_model(tiny_segformer_config("model.method=vpt_shallow"))
@@ -507,7 +520,7 @@ def test_evp_segformer_stages_follow_the_equations() -> None:
 # --- Table 2: SegFormer-B4, 2 classes ---------------------------------------------------------
 
 B4 = ["model.backbone=nvidia/segformer-b4-finetuned-ade-512-512", "model.weights=random", "model.image_size=512",
-      "data.class_names=[background, polyp]"]
+      "data.format=kvasir"]
 RELEASED = ["model.segformer.decoder=released"]
 HF = ["model.segformer.decoder=huggingface"]
 # ``ours`` truncated to four decimals (as the paper prints) equals the paper's figure.

@@ -37,7 +37,7 @@ from dvpt_core.steps.train import train
 from dvpt_core.tasks import Prediction, get_task
 from dvpt_core.tasks.classification import ClassificationTask
 from dvpt_core.tasks.segmentation import SegmentationTask
-from tests.helpers import TINY, TINY_SEGFORMER, tiny_segformer_config, validated
+from tests.helpers import TINY, TINY_SEGFORMER, tiny_config, tiny_segformer_config, validated
 from tests.test_segmentation_metrics import transunet_reference
 
 KVASIR = ["data.format=kvasir", "synthetic.seg_images=20", "synthetic.image_size=64", "train.epochs=3",
@@ -263,7 +263,7 @@ def test_3d_evaluation_writes_nifti_with_the_input_affine_and_scores_volumes(tmp
 
 
 def test_an_adapter_fixes_its_task_and_a_cache_its_task(tmp_path: Path) -> None:
-    cfg = tiny_segformer_config("data.format=kvasir")
+    cfg = tiny_segformer_config()
     save_adapter(build_model(cfg), cfg, tmp_path / "adapter")
     assert config_for_adapter(load_config(), tmp_path / "adapter").data.task == "segmentation"
     with pytest.raises(AdapterError, match="data.task='classification' \\(the adapter has 'segmentation'\\)"):
@@ -271,7 +271,7 @@ def test_an_adapter_fixes_its_task_and_a_cache_its_task(tmp_path: Path) -> None:
     root = _prepared(tmp_path / "data-kvasir", "data.format=kvasir", "synthetic.seg_images=10",
                      "synthetic.image_size=32")
     with pytest.raises(ConfigError, match="data.task=classification but .* was preprocessed for segmentation"):
-        train(tiny_segformer_config(), root / "cache", tmp_path / "train")
+        train(tiny_config(), root / "cache", tmp_path / "train")
 
 
 def test_served_answers_are_label_maps_at_the_input_size_and_class_probabilities() -> None:

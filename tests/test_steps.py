@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix
 
-from dvpt_core.config import ExperimentConfig
+from dvpt_core.config import ConfigError, ExperimentConfig
 from dvpt_core.data.cache_layout import IMAGES_FILE, LABELS_FILE, META_FILE, SPLITS_FILE
 from dvpt_core.data.splits import SPLITS_COLUMNS
 from dvpt_core.data.dataset import make_loader
@@ -47,7 +47,7 @@ from dvpt_core.steps import register as register_step
 from dvpt_core.steps.register import RegistrationError, register
 from dvpt_core.steps.train import ACTIVE_FILE, train
 from dvpt_core.tracking import TrackingUnavailable
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_segformer_config
 from tests.test_methods import OWN
 
 SIZE, N = 32, 20
@@ -100,7 +100,9 @@ def adapter_predictions(train_dir: Path, cache: Path, split: str, cfg: Experimen
 
 @pytest.fixture(scope="module")
 def trained(workspace: Path) -> dict:
-    cfg = config(workspace, "train.epochs=5", "train.lr=0.05", "train.warmup_epochs=0", "model.gate_init=0.1")
+    # Flips on: training is augmented, and validation must not be (the val_loss check below).
+    cfg = config(workspace, "train.epochs=5", "train.lr=0.05", "train.warmup_epochs=0", "model.gate_init=0.1",
+                 "train.hflip=true", "train.vflip=true")
     summary = train(cfg, workspace / "cache", workspace / "train")
     return {"cfg": cfg, "summary": summary, "dir": workspace / "train"}
 
@@ -125,6 +127,11 @@ def test_the_best_epoch_by_validation_kappa_is_kept_not_the_last(trained: dict, 
     preds, labels = adapter_predictions(trained["dir"], workspace / "cache", "valid", trained["cfg"])
     saved = cohen_kappa_score(labels, preds, weights="quadratic", labels=GRADES)
     assert saved == pytest.approx(kappas[best], abs=1e-6), "the saved adapter is not the best epoch's"
+    model = load_adapter(trained["dir"] / "adapter")
+    logits, targets = predict(model, make_loader(workspace / "cache" / "valid", model.info.mean, model.info.std, False,
+                                                 trained["cfg"]), torch.device("cpu"))
+    loss = float(torch.nn.functional.cross_entropy(logits, targets))
+    assert rows[best]["val_loss"] == pytest.approx(loss, rel=1e-5), "validation must see the images unaugmented"
     run = MlflowClient(trained["cfg"].tracking.resolved_uri()).get_run(summary["run_id"])
     assert run.data.metrics["best_epoch"] == best + 1
     assert run.data.metrics["best_val_kappa"] == pytest.approx(kappas[best])
@@ -154,8 +161,12 @@ def test_evaluate_scores_the_adapter_like_scikit_learn(trained: dict, workspace:
     written = json.loads((workspace / "evaluated" / "test" / "metrics.json").read_text())
     assert written == {k: report[k] for k in written}
     assert (workspace / "evaluated" / "test" / "figures" / "confusion_matrix.png").stat().st_size > 0
-    metrics = MlflowClient(trained["cfg"].tracking.resolved_uri()).get_run(trained["summary"]["run_id"]).data.metrics
+    client = MlflowClient(trained["cfg"].tracking.resolved_uri())
+    metrics = client.get_run(trained["summary"]["run_id"]).data.metrics
     assert metrics["test_kappa"] == pytest.approx(report["kappa"]) and metrics["test_samples"] == N
+    logged = {a.path for a in client.list_artifacts(trained["summary"]["run_id"])}
+    assert {"metrics.json", "confusion_matrix.png"} <= logged
+    assert [a.path for a in client.list_artifacts(trained["summary"]["run_id"], "evaluation")] == ["evaluation/test_samples.json"]
 
 
 @pytest.mark.parametrize("method", sorted(OWN))
@@ -227,6 +238,7 @@ def test_an_interrupted_run_is_closed_keeps_its_checkpoint_and_resumes(workspace
     monkeypatch.setattr(train_step, "train_one_epoch", stop)
     with pytest.raises(type(error)), caplog.at_level(logging.INFO, logger="dvpt_core.steps.train"):
         train(cfg, workspace / "cache", out)
+    assert any(m.startswith("MLflow run ") and not m.endswith("resumed") for m in caplog.messages)
     assert stop.descriptions == ["epoch 1/3", "epoch 2/3"]
     assert message.format(out / CHECKPOINT_FILE) in caplog.messages
     assert any(m.startswith("epoch 1: train_loss=") and ", lr=" in m for m in caplog.messages)
@@ -237,7 +249,10 @@ def test_an_interrupted_run_is_closed_keeps_its_checkpoint_and_resumes(workspace
     assert (out / CHECKPOINT_FILE).is_file() and not (out / ACTIVE_FILE).exists()
     assert not (out / "adapter").exists() and not (out / "run.json").exists(), "an unfinished run must not look finished"
     monkeypatch.undo()
-    summary = train(cfg, workspace / "cache", out)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dvpt_core.steps.train"):
+        summary = train(cfg, workspace / "cache", out)
+    assert f"MLflow run {runs[0].info.run_name} ({runs[0].info.run_id}) resumed" in caplog.messages
     assert summary["run_id"] == runs[0].info.run_id, "the next attempt must resume the same MLflow run"
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     assert [row["epoch"] for row in history(out)] == [1, 2, 3]
@@ -402,3 +417,26 @@ def test_a_version_describes_its_lineage_and_random_weights_before_its_card(trai
     assert "\n\nRANDOM WEIGHTS" in version.description
     assert version.tags["task"] == "classification" and version.tags["stand_in_weights"] == "false"
     assert version.tags["onnx_model_uri"].startswith("models:/")
+
+
+def test_a_cache_of_the_other_task_is_refused_naming_both(workspace: Path, tmp_path: Path) -> None:
+    segmentation = tiny_segformer_config(f"tracking.tracking_uri=sqlite:///{workspace / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match=r"data.task=segmentation but .* was preprocessed for classification"):
+        train(segmentation, workspace / "cache", tmp_path / "seg")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / META_FILE).write_text(json.dumps({"task": "segmentation", "image_size": SIZE}))
+    with pytest.raises(ConfigError, match=r"data.task=classification but .* was preprocessed for segmentation"):
+        train(config(workspace), masks, tmp_path / "cls")
+    assert not (tmp_path / "seg").exists() and not (tmp_path / "cls").exists()
+
+
+def test_a_tied_validation_score_keeps_the_earliest_epoch(workspace: Path) -> None:
+    """A learning rate too small to change any prediction: every epoch scores the same, and the
+    first of them is kept (a later epoch must do strictly better to replace it)."""
+    cfg = config(workspace, "train.epochs=3", "train.max_steps_per_epoch=1", "train.lr=1e-12", "train.warmup_epochs=0",
+                 "tracking.experiment=ties")
+    summary = train(cfg, workspace / "cache", workspace / "ties")
+    kappas = [row["val_kappa"] for row in history(workspace / "ties")]
+    assert kappas[0] == kappas[1] == kappas[2]
+    assert summary["best_epoch"] == 1

@@ -319,6 +319,26 @@ def test_classification_labels_and_pixel_limit_in_a_csv_table(tmp_path: Path) ->
     }
 
 
+def test_a_patient_in_two_named_splits_is_refused_naming_both_splits(tmp_path: Path) -> None:
+    """Each of the patient's images is named with the splits the patient is in; the other
+    patients' images pass."""
+    root = tmp_path / "csv"
+    root.mkdir()
+    lines = ["image,label,split,group"]
+    for i in range(9):
+        rgb(20, 10).save(root / f"ok{i}.png")
+        lines.append(f"ok{i}.png,{i // 3},{('train', 'valid', 'test')[i % 3]},p{i}")
+    for name, split in (("p1_a.png", "train"), ("p1_b.png", "test")):
+        rgb(20, 10).save(root / name)
+        lines.append(f"{name},1,{split},twice")
+    (root / "dataset.csv").write_text("\n".join(lines) + "\n")
+    cfg = ExperimentConfig(data={"format": "csv", "class_names": ["a", "b", "c"]})
+    assert offending(cfg, root, tmp_path / "out") == {
+        ("p1_a.png", "patient/case twice is in more than one split (test, train)"),
+        ("p1_b.png", "patient/case twice is in more than one split (test, train)"),
+    }
+
+
 def test_ddr_labels_four_pass_five_is_ungradable_six_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "ddr"
     generate_dataset(root, ExperimentConfig(synthetic=TINY))

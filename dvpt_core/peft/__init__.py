@@ -47,6 +47,14 @@ def build_model(cfg: ExperimentConfig) -> AdaptedModel:
     timm backbones, a segmenter on SegFormer."""
     if cfg.model.method not in METHODS:
         raise ValueError(f"unknown model.method {cfg.model.method!r}; known: {', '.join(METHODS)}")
+    segments = cfg.model.resolved_family == "segformer"
+    if segments != (cfg.data.task == "segmentation"):
+        # The other pairing would fail deep inside the loss, naming neither setting.
+        raise ConfigError(
+            f"model.backbone={cfg.model.backbone} is a {'SegFormer, which segments' if segments else 'timm backbone, which classifies'}, "
+            f"but data.task={cfg.data.task} (data.format={cfg.data.format}): use "
+            f"{'a timm backbone for classification' if segments else 'a SegFormer backbone for segmentation'}, "
+            "or a dataset format of the model's task")
     backbone, info = create_backbone(cfg.model)
     builders = METHODS[cfg.model.method]
     arch = architecture(backbone)
