@@ -249,9 +249,15 @@ def test_an_interrupted_run_is_closed_keeps_its_checkpoint_and_resumes(workspace
     assert (out / CHECKPOINT_FILE).is_file() and not (out / ACTIVE_FILE).exists()
     assert not (out / "adapter").exists() and not (out / "run.json").exists(), "an unfinished run must not look finished"
     monkeypatch.undo()
+    # What a SIGKILL at this point would have left: the run RUNNING, claimed by a dead process.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client.update_run(runs[0].info.run_id, "RUNNING")
+    (out / ACTIVE_FILE).write_text(json.dumps({"run_id": runs[0].info.run_id, "pid": dead.pid, "host": socket.gethostname()}))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dvpt_core.steps.train"):
         summary = train(cfg, workspace / "cache", out)
+    assert "dvpt.closed_by" not in client.get_run(summary["run_id"]).data.tags, "the resumed run is not a stale one"
     assert f"MLflow run {runs[0].info.run_name} ({runs[0].info.run_id}) resumed" in caplog.messages
     assert summary["run_id"] == runs[0].info.run_id, "the next attempt must resume the same MLflow run"
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
