@@ -260,6 +260,17 @@ def test_vpt_prompts_join_the_keys_and_values_of_the_efficient_attention(stage: 
         assert keys.shape[1] == m + (side // reduction) ** 2
 
 
+def test_vpt_prompts_start_uniform_in_vpt_s_xavier_range_over_mit_s_4x4_patches() -> None:
+    """VPT draws prompts from U(-b, b), b = sqrt(6 / (3 * patch area + width)); MiT's patches are
+    4x4 (its first embedding's stride), so a block of width C gets b = sqrt(6 / (48 + C))."""
+    model = build_model(tiny_segformer_config("model.method=vpt_deep", "model.vpt.prompts=50"))
+    for stage in model.backbone.segformer.stages:
+        for block in stage.blocks:
+            tokens = block.attention.prompts.tokens
+            bound = math.sqrt(6 / (48 + tokens.shape[-1]))
+            assert float(tokens.abs().max()) <= bound and float(tokens.abs().max()) > 0.9 * bound
+
+
 # --- DVPT on SegFormer -----------------------------------------------------------------------
 
 
