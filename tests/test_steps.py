@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import onnx
 import pytest
@@ -198,7 +199,7 @@ def test_register_sets_the_alias_with_the_lineage_and_registers_a_run_once(train
     tiny_onnx(export_dir / "model.onnx")  # the register step logs the graph; its content is the export step's concern
     first = register(cfg, trained["dir"], export_dir, workspace / "registry1")
     again = register(cfg, trained["dir"], export_dir, workspace / "registry2")
-    assert str(first["version"]) == str(again["version"]) == "1"
+    assert str(first["version"]) == str(again["version"]) == "1" and first["registered"] is True
     assert first["alias"] == "challenger" and first["model_uri"] == "models:/steps-test@challenger"
     client = MlflowClient(cfg.tracking.resolved_uri())
     assert str(client.get_model_version_by_alias("steps-test", "challenger").version) == "1"
@@ -381,7 +382,8 @@ def test_registering_inside_a_dvc_experiment_is_skipped_unless_asked(trained: di
     assert json.loads((out / "registered.json").read_text()) == result
 
 
-def test_a_failed_alias_move_removes_the_version_or_marks_it_failed(trained: dict, workspace: Path, monkeypatch) -> None:
+def test_a_failed_alias_move_removes_the_version_or_marks_it_failed(trained: dict, workspace: Path, monkeypatch,
+                                                                   caplog) -> None:
     cfg = registering(trained, "steps-undo")
     tiny_onnx(workspace / "export" / "model.onnx")
     client = MlflowClient(cfg.tracking.resolved_uri())
@@ -395,14 +397,25 @@ def test_a_failed_alias_move_removes_the_version_or_marks_it_failed(trained: dic
     assert not client.search_model_versions("name='steps-undo'")
     assert not (workspace / "registry-undo" / "registered.json").exists()
 
-    monkeypatch.setattr(MlflowClient, "delete_model_version", refused)  # and the clean-up fails too
+    def unreachable(*args) -> None:
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(MlflowClient, "delete_model_version", unreachable)  # and the clean-up fails too
     with pytest.raises(RegistrationError):
         register(cfg, trained["dir"], workspace / "export", workspace / "registry-undo")
     [left] = client.search_model_versions("name='steps-undo'")
     assert left.tags["dvpt.registration"] == "failed"
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", unreachable)  # nothing answers at all
+    with pytest.raises(RegistrationError), caplog.at_level(logging.ERROR, logger="dvpt_core.steps.register"):
+        register(cfg, trained["dir"], workspace / "export", workspace / "registry-undo")
+    assert any(m.endswith("could be neither removed nor marked failed") for m in caplog.messages)
     monkeypatch.undo()
     result = register(cfg, trained["dir"], workspace / "export", workspace / "registry-undo")
     assert result["version"] != left.version, "a version marked failed is never reused"
+    logged = mlflow.search_logged_models(experiment_ids=[trained["summary"]["experiment_id"]], output_format="list",
+                                         filter_string=f"source_run_id = '{trained['summary']['run_id']}' AND name = 'onnx_model'")
+    assert [f"models:/{m.model_id}" for m in logged] == [result["onnx_uri"]], "every attempt reuses the one ONNX model"
 
 
 def test_a_version_describes_its_lineage_and_random_weights_before_its_card(trained: dict, workspace: Path,
@@ -415,7 +428,7 @@ def test_a_version_describes_its_lineage_and_random_weights_before_its_card(trai
 
     monkeypatch.setattr(register_step, "publish_model_card", no_card)
     with pytest.raises(RuntimeError, match="card renderer down"):
-        register(cfg, trained["dir"], workspace / "export", workspace / "registry-card")
+        register(cfg, trained["dir"], workspace / "export", workspace / "registry" / "card")
     [version] = MlflowClient(cfg.tracking.resolved_uri()).search_model_versions("name='steps-card'")
     adapter = json.loads((trained["dir"] / "adapter" / "adapter.json").read_text())
     assert version.description.startswith(f"dvpt adapter over {adapter['backbone']} (weights fingerprint "
@@ -446,3 +459,16 @@ def test_a_tied_validation_score_keeps_the_earliest_epoch(workspace: Path) -> No
     kappas = [row["val_kappa"] for row in history(workspace / "ties")]
     assert kappas[0] == kappas[1] == kappas[2]
     assert summary["best_epoch"] == 1
+
+
+def test_a_registry_that_cannot_search_versions_still_registers(trained: dict, workspace: Path, monkeypatch) -> None:
+    """Some registries refuse a search by run id; the step then cannot tell a repeat and registers."""
+    cfg = registering(trained, "steps-nosearch")
+    tiny_onnx(workspace / "export" / "model.onnx")
+
+    def unsupported(*args, **kwargs) -> None:
+        raise MlflowException("filter on run_id is not supported")
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", unsupported)
+    result = register(cfg, trained["dir"], workspace / "export", workspace / "registry-nosearch")
+    assert result["registered"] is True and result["version"] == "1"
