@@ -182,7 +182,10 @@ def test_validation_passes_on_clean_synthetic_data(tiny_root: Path, tmp_path: Pa
     assert result["success"] and result["counts"] == {"train": 12, "valid": 6, "test": 6}
     assert all(e["success"] for e in result["expectations"])
     assert (tmp_path / "report" / "data_docs" / "index.html").is_file()
-    assert len((tmp_path / "report" / "manifest.csv").read_text().splitlines()) == 1 + 24
+    lines = (tmp_path / "report" / "manifest.csv").read_text().splitlines()
+    assert len(lines) == 1 + 24
+    header = lines[0].split(",")
+    assert header.index("named_split") == header.index("split") + 1, "the split as named beside the split as planned"
     # Great Expectations' own INFO chatter is kept out of the step's log (its loggers at WARNING).
     chatty = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
               if name.startswith("great_expectations") and isinstance(logger, logging.Logger)

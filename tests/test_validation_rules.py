@@ -37,6 +37,7 @@ from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.steps.validate import (
     MAX_AMBIGUOUS_SHARE,
     DataValidationError,
+    shown_classes,
     validate,
     with_derived_columns,
 )
@@ -317,6 +318,14 @@ def test_classification_labels_and_pixel_limit_in_a_csv_table(tmp_path: Path) ->
         ("wide.png", "201x1 = 201 pixels not in 1-200 (data.max_pixels; not decoded)"),
         ("alpha.png", "image mode RGBA not allowed (allowed: RGB, L)"),
     }
+
+
+@pytest.mark.parametrize(("top", "shows"), [(0, False), (1, True), (2, False), (127, False), (128, True), (255, True)])
+def test_a_binary_mask_shows_the_structure_when_it_holds_one_or_reaches_the_threshold(top: int, shows: bool) -> None:
+    """0/1 masks and 0/255 masks both show the structure; a mask whose largest value is 2..127 is
+    background to preprocessing's threshold (128), so it shows nothing."""
+    frame = pd.DataFrame({"mask_decoded": [True], "mask_max": [top], "mask_values": [f"0,{top}"]})
+    assert shown_classes(frame, DataConfig(format="kvasir")).tolist() == [frozenset({1}) if shows else frozenset()]
 
 
 def test_a_patient_in_two_named_splits_is_refused_naming_both_splits(tmp_path: Path) -> None:
