@@ -128,12 +128,13 @@ def test_patients_never_straddle_splits_and_acdc_gets_70_10_20() -> None:
 def test_duplicates_are_dropped_and_leaks_between_named_splits_are_reported(caplog) -> None:
     samples = images(30)
     twin = Sample(Path("/data/copy_of_img0003.jpg"), None, None, mask=Path("/data/m.png"))
-    digests = [fake_digest(s) for s in samples] + [fake_digest(samples[3])]
+    other = Sample(Path("/data/copy_of_img0007.jpg"), None, None, mask=Path("/data/m7.png"))
+    digests = [fake_digest(s) for s in samples] + [fake_digest(samples[3]), fake_digest(samples[7])]
     with caplog.at_level(logging.WARNING, logger="dvpt_core.data.splits"):
-        result = plan_splits([*samples, twin], digests, DataConfig(format="kvasir", folds=1))
-    assert len(result.samples) == 30 and twin.path not in {s.path for s in result.samples}
-    assert [(a.path, b.path) for a, b in result.duplicates] == [(twin.path, samples[3].path)]
-    assert f"dropped 1 duplicate sample(s), e.g. {twin.path} (same content as {samples[3].path})" in caplog.text
+        result = plan_splits([*samples, twin, other], digests, DataConfig(format="kvasir", folds=1))
+    assert len(result.samples) == 30 and not {twin.path, other.path} & {s.path for s in result.samples}
+    assert [(a.path, b.path) for a, b in result.duplicates] == [(twin.path, samples[3].path), (other.path, samples[7].path)]
+    assert f"dropped 2 duplicate sample(s), e.g. {twin.path} (same content as {samples[3].path})" in caplog.text
     with pytest.raises(dataclasses.FrozenInstanceError):  # validate and preprocess read one plan
         result.labelled = []
 

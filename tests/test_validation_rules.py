@@ -9,6 +9,7 @@ inside and one just outside each limit, so the report must blame exactly the out
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -317,6 +318,25 @@ def test_classification_labels_and_pixel_limit_in_a_csv_table(tmp_path: Path) ->
         ("beyond.png", "label 3 not in 0-2 (data.class_names has 3 classes)"),
         ("wide.png", "201x1 = 201 pixels not in 1-200 (data.max_pixels; not decoded)"),
         ("alpha.png", "image mode RGBA not allowed (allowed: RGB, L)"),
+    }
+
+
+def test_the_same_image_in_two_named_splits_is_refused_naming_its_twin(tmp_path: Path) -> None:
+    root = tmp_path / "csv"
+    root.mkdir()
+    lines = ["image,label,split"]
+    for i in range(9):
+        rgb(20, 10).save(root / f"ok{i}.png")
+        lines.append(f"ok{i}.png,{i // 3},{('train', 'valid', 'test')[i % 3]}")
+    rgb(20, 10).save(root / "a.png")
+    (root / "b.png").write_bytes((root / "a.png").read_bytes())
+    lines += ["a.png,1,train", "b.png,1,test"]
+    (root / "dataset.csv").write_text("\n".join(lines) + "\n")
+    digest = hashlib.sha256((root / "a.png").read_bytes()).hexdigest()[:12]
+    cfg = ExperimentConfig(data={"format": "csv", "class_names": ["a", "b", "c"]})
+    assert offending(cfg, root, tmp_path / "out") == {
+        ("a.png", f"identical content (sha256 {digest}) is in more than one split: train and b.png (test)"),
+        ("b.png", f"identical content (sha256 {digest}) is in more than one split: test and a.png (train)"),
     }
 
 
