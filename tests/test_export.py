@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnxruntime as ort
@@ -13,7 +14,7 @@ from dvpt_core.data.dataset import CachedSplit
 from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import save_adapter
-from dvpt_core.steps.export import ExportParityError, export
+from dvpt_core.steps.export import ExportParityError, export, export_onnx, onnx_parity
 from dvpt_core.steps.preprocess import preprocess
 from tests.helpers import tiny_config, validated
 
@@ -46,7 +47,7 @@ def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method, expor
         report = export(cfg, cache, tmp_path / "train", out)
     assert report["max_abs_diff"] <= 1e-4
     written = json.loads((out / "export.json").read_text())
-    assert written == report and written["opset"] == cfg.export.opset
+    assert written == report and (written["opset"], written["exporter"]) == (cfg.export.opset, exporter)
     size = cfg.model.image_size
     assert (written["input_shape"], written["output_shape"]) == (["batch", 3, size, size], ["batch", 5])
     assert written["parity_batch_sizes"] == [1, 8], "parity is checked at batch 1 and at a full batch"
@@ -69,3 +70,19 @@ def test_failed_parity_writes_no_model(tmp_path, cache) -> None:
     with pytest.raises(ExportParityError, match="export.parity_atol"):
         export(cfg, cache, tmp_path / "train", tmp_path / "export")
     assert not list((tmp_path / "export").glob("*.onnx"))
+
+
+class Spectrum(torch.nn.Module):
+    """An FFT, as EVP's high-pass filter uses: an operator the TorchScript exporter lacks."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft2(images).abs().mean(dim=(-2, -1))
+
+
+def test_a_model_the_torchscript_exporter_cannot_export_is_exported_with_dynamo(tmp_path, caplog) -> None:
+    model = Spectrum()
+    with caplog.at_level(logging.WARNING, logger="dvpt_core.steps.export"):
+        path, exporter = export_onnx(model, torch.randn(2, 3, 8, 8), tmp_path / "model.onnx", 18, "torchscript")
+    assert exporter == "dynamo" and "exporting with dynamo" in caplog.text
+    assert onnx_parity(model, path, [torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8)]) <= 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

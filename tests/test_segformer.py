@@ -440,7 +440,8 @@ def test_summary_splits_dvpt_into_its_parts() -> None:
 def test_onnx_export_matches_pytorch_at_two_batch_sizes(tmp_path) -> None:
     model = build_model(method_config("dvpt", "huggingface", "model.gate_init=0.5")).eval()
     perturb_trainable(model)
-    path = export_onnx(model, images(2), tmp_path / "model.onnx", opset=18)
+    path, exporter = export_onnx(model, images(2), tmp_path / "model.onnx", opset=18)
+    assert exporter == "dynamo"
     batches = [images(1, seed=3), images(5, seed=4)]
     assert onnx_parity(model, path, batches) <= 1e-4
     import onnxruntime as ort

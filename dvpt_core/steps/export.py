@@ -16,6 +16,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -36,8 +37,13 @@ class ExportParityError(RuntimeError):
     """The ONNX graph does not reproduce the PyTorch model within tolerance."""
 
 
+class Exported(NamedTuple):
+    path: Path
+    exporter: str  # the exporter that wrote the graph (torchscript falls back to dynamo)
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int,
-                exporter: str = "dynamo") -> Path:
+                exporter: str = "dynamo") -> Exported:
     """The graph with a dynamic batch axis, checked, written to a temp file then renamed.
 
     ``exporter``: ``dynamo`` (torch.export, the maintained exporter) or ``torchscript`` (the
@@ -68,7 +74,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+    return Exported(path, exporter)
 
 
 def onnx_outputs(model: torch.nn.Module, path: Path, batches: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -92,7 +98,8 @@ def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Pat
     info = model.info
     loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg, image_size=info.image_size)
     images, _ = next(iter(loader))
-    candidate = export_onnx(model, images[:2], out_dir / ".candidate.onnx", cfg.export.opset, cfg.export.exporter)
+    candidate, exporter = export_onnx(model, images[:2], out_dir / ".candidate.onnx", cfg.export.opset,
+                                      cfg.export.exporter)
     batches = [images[:1], images[: min(len(images), 8)]]
     try:
         outputs = onnx_outputs(model, candidate, batches)
@@ -104,7 +111,7 @@ def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Pat
     finally:
         candidate.unlink(missing_ok=True)
     report = {
-        "onnx": path.name, "task": task.name, "opset": cfg.export.opset, **parity,
+        "onnx": path.name, "task": task.name, "opset": cfg.export.opset, "exporter": exporter, **parity,
         "tolerance": cfg.export.parity_atol, "parity_batch_sizes": [len(b) for b in batches],
         "input": INPUT, "output": OUTPUT,
         "input_shape": ["batch", 3, info.image_size, info.image_size],
