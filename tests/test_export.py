@@ -6,6 +6,7 @@ import json
 import logging
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -53,6 +54,9 @@ def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method, expor
     assert written["parity_batch_sizes"] == [1, 8], "parity is checked at batch 1 and at a full batch"
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
     assert written["bytes"] == (out / "model.onnx").stat().st_size
+    # The legacy exporter names nodes by module scope ("/blocks.0/..."), dynamo does not.
+    scoped = [n.name.startswith("/") for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert all(scoped) if exporter == "torchscript" else not any(scoped)
     session = ort.InferenceSession(str(out / "model.onnx"))
     split = CachedSplit(cache / "test", model.info.mean, model.info.std)
     batch = torch.stack([split[i][0] for i in range(5)])

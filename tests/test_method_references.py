@@ -377,6 +377,28 @@ def test_vpt_swin_window_prompts_without_a_shift_mask() -> None:
             torch.testing.assert_close(got[i], F.linear(out, attn.proj.weight, attn.proj.bias), atol=ATOL, rtol=0)
 
 
+def test_vpt_swin_window_prompts_with_the_shift_mask() -> None:
+    """Block 1 of a stage is shifted: each window's image keys carry that window's shift mask
+    (timm's -100 between regions that were not neighbours before the roll), the prompt keys none."""
+    cfg, model, _, _ = build("model.method=vpt_deep", *SWIN, "model.vpt.prompts=2")
+    block = model.backbone.layers[1].blocks[1]  # 8x8 tokens padded to two windows a side, shifted by 3
+    wrapper, attn, mask = block.attn, block.attn.attn, block.attn_mask
+    assert mask is not None and bool((mask != 0).any())
+    num_win, heads, m = mask.shape[0], attn.num_heads, 2
+    x = torch.randn(2 * num_win, 49, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = wrapper(x, mask=mask)
+        prompts = layer_norm(wrapper.prompts.tokens[0], block.norm1)
+        table, index = attn.relative_position_bias_table, attn.relative_position_index
+        bias = table[index.view(-1)].view(49, 49, -1).permute(2, 0, 1)
+        for i in range(2 * num_win):
+            q, k, v = F.linear(torch.cat([prompts, x[i]]), attn.qkv.weight, attn.qkv.bias).reshape(m + 49, 3, heads, -1).permute(1, 2, 0, 3)
+            scores = q[:, m:] @ k.transpose(1, 2) / math.sqrt(32 // heads)
+            scores[:, :, m:] += bias + mask[i % num_win]
+            out = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(49, -1)
+            torch.testing.assert_close(got[i], F.linear(out, attn.proj.weight, attn.proj.bias), atol=ATOL, rtol=0)
+
+
 # --- SSF, LoRA, AdaptFormer, linear probing ----------------------------------------------------
 
 

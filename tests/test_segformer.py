@@ -235,6 +235,7 @@ def test_vpt_prompts_join_the_keys_and_values_of_the_efficient_attention(stage: 
     block = model.backbone.segformer.stages[stage].blocks[0]
     wrapped, a = block.attention, block.attention.attn
     assert a.sequence_reduction_ratio == reduction
+    a.attention_dropout = 0.5  # stays off in evaluation
     side = 16 >> stage
     width, heads, m = a.q_proj.in_features, a.num_attention_heads, 3
     assert wrapped.prompts.tokens.shape == (1, m, width), "one set of m prompts per block"
