@@ -281,6 +281,8 @@ def test_bad_input_stops_the_pipeline_naming_file_and_reason(
     if report["stage"] == "suite":
         assert (outputs / "validation" / "manifest.csv").is_file()
         assert (outputs / "validation" / "data_docs" / "index.html").is_file()
+    else:  # the reader could not list the dataset: no image was looked at
+        assert (report["stage"], report["images"], report["counts"], report["manifest"]) == ("read", 0, {}, None)
 
 
 @pytest.mark.parametrize(("fmt", "suite"), [
