@@ -31,6 +31,7 @@ from dvpt_core.data.manifest import (
     escapes_root,
     file_kind,
     mask_values,
+    read_manifest,
     relative_path,
 )
 from dvpt_core.data.records import Sample
@@ -418,3 +419,17 @@ def test_acdc_label_values_and_integrality(tmp_path: Path) -> None:
     assert {file for file, _ in found} == set(relative[1:])
     assert any(f == relative[1] and "mask values 0,1,2,3,4 are not class indices 0-3" in r for f, r in found)
     assert any(f == relative[2] and r == "label values are not whole numbers" for f, r in found)
+
+
+def test_the_written_manifest_reads_back_as_the_samples_the_reader_listed(tmp_path: Path) -> None:
+    """What preprocess reads instead of listing the dataset again: every sample with its mask,
+    named split and hashes, in the manifest's order."""
+    cfg = ExperimentConfig(data={"format": "kvasir"}, synthetic=SyntheticConfig(seg_images=10, image_size=32))
+    generate_dataset(tmp_path / "data", cfg)
+    validate(cfg, tmp_path / "data", tmp_path / "out")
+    samples, digests, mask_digests = read_manifest(tmp_path / "out" / "manifest.csv", tmp_path / "data")
+    frame = pd.read_csv(tmp_path / "out" / "manifest.csv", dtype=str, keep_default_na=False)
+    assert [s.path for s in samples] == [tmp_path / "data" / p for p in frame["path"]]
+    assert [s.mask for s in samples] == [tmp_path / "data" / m for m in frame["mask"]]
+    assert all(s.mask.is_file() for s in samples) and len(samples) == 10
+    assert digests == list(frame["sha256"]) and mask_digests == list(frame["mask_sha256"])
