@@ -284,6 +284,12 @@ def test_a_folder_owned_by_a_live_process_is_refused_and_a_dead_owners_run_close
         with pytest.raises(RuntimeError, match=f"in use by process {os.getppid()}"):
             train(cfg, workspace / "cache", out)
         assert client.get_run(orphan).info.status == "RUNNING"
+        # A claim from another machine (a shared folder) cannot be checked from here and is not honoured.
+        mine_elsewhere = client.create_run(experiment).info.run_id
+        (out / ACTIVE_FILE).write_text(json.dumps({"run_id": mine_elsewhere, "pid": os.getppid(),
+                                                   "host": socket.gethostname() + "-z"}))
+        train(cfg, workspace / "cache", out)
+        assert client.get_run(mine_elsewhere).info.status == "KILLED"
         (out / ACTIVE_FILE).write_text(json.dumps(claim))  # the owner, about to die
     finally:
         owner.kill()
