@@ -279,17 +279,17 @@ def test_a_folder_owned_by_a_live_process_is_refused_and_a_dead_owners_run_close
         (out / ACTIVE_FILE).write_text(json.dumps(claim))
         with pytest.raises(RuntimeError, match=f"in use by process {owner.pid}"):
             train(cfg, workspace / "cache", out)
-        # This test's parent: alive, and (pids count up) older than this process.
-        (out / ACTIVE_FILE).write_text(json.dumps({**claim, "pid": os.getppid()}))
-        with pytest.raises(RuntimeError, match=f"in use by process {os.getppid()}"):
+        # The init process: alive, and a smaller pid than this process's (pids wrap, so a child's may not be larger).
+        (out / ACTIVE_FILE).write_text(json.dumps({**claim, "pid": 1}))
+        with pytest.raises(RuntimeError, match="in use by process 1 "):
             train(cfg, workspace / "cache", out)
         assert client.get_run(orphan).info.status == "RUNNING"
         # A claim from another machine (a shared folder) cannot be checked from here and is not honoured.
-        mine_elsewhere = client.create_run(experiment).info.run_id
-        (out / ACTIVE_FILE).write_text(json.dumps({"run_id": mine_elsewhere, "pid": os.getppid(),
-                                                   "host": socket.gethostname() + "-z"}))
-        train(cfg, workspace / "cache", out)
-        assert client.get_run(mine_elsewhere).info.status == "KILLED"
+        for elsewhere in (socket.gethostname() + "-z", socket.gethostname()[:-1]):  # sorting after and before
+            foreign = client.create_run(experiment).info.run_id
+            (out / ACTIVE_FILE).write_text(json.dumps({"run_id": foreign, "pid": 1, "host": elsewhere}))
+            train(cfg, workspace / "cache", out)
+            assert client.get_run(foreign).info.status == "KILLED"
         (out / ACTIVE_FILE).write_text(json.dumps(claim))  # the owner, about to die
     finally:
         owner.kill()
