@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -299,14 +300,20 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def csv_table(root: Path, label: Callable[[int], int], group: bool = False) -> list[str]:
+    """Nine clean 20x10 images over the three named splits; returns the table's lines so far."""
+    root.mkdir()
+    lines = ["image,label,split" + (",group" if group else "")]
+    for i in range(9):
+        rgb(20, 10).save(root / f"ok{i}.png")
+        lines.append(f"ok{i}.png,{label(i)},{('train', 'valid', 'test')[i % 3]}" + (f",p{i}" if group else ""))
+    return lines
+
+
 def test_classification_labels_and_pixel_limit_in_a_csv_table(tmp_path: Path) -> None:
     """Labels 0 and K-1 pass, K is refused; an image of exactly data.max_pixels passes, one more pixel is refused."""
     root = tmp_path / "csv"
-    root.mkdir()
-    lines = ["image,label,split"]
-    for i in range(9):
-        rgb(20, 10).save(root / f"ok{i}.png")
-        lines.append(f"ok{i}.png,{i % 3},{('train', 'valid', 'test')[i % 3]}")
+    lines = csv_table(root, lambda i: i % 3)
     rgb(20, 10).save(root / "last_class.png")
     rgb(20, 10).save(root / "beyond.png")
     rgb(201, 1).save(root / "wide.png")
@@ -324,11 +331,7 @@ def test_classification_labels_and_pixel_limit_in_a_csv_table(tmp_path: Path) ->
 
 def test_the_same_image_in_two_named_splits_is_refused_naming_its_twin(tmp_path: Path) -> None:
     root = tmp_path / "csv"
-    root.mkdir()
-    lines = ["image,label,split"]
-    for i in range(9):
-        rgb(20, 10).save(root / f"ok{i}.png")
-        lines.append(f"ok{i}.png,{i // 3},{('train', 'valid', 'test')[i % 3]}")
+    lines = csv_table(root, lambda i: i // 3)
     rgb(20, 10).save(root / "a.png")
     (root / "b.png").write_bytes((root / "a.png").read_bytes())
     lines += ["a.png,1,train", "b.png,1,test"]
@@ -353,11 +356,7 @@ def test_a_patient_in_two_named_splits_is_refused_naming_both_splits(tmp_path: P
     """Each of the patient's images is named with the splits the patient is in; the other
     patients' images pass."""
     root = tmp_path / "csv"
-    root.mkdir()
-    lines = ["image,label,split,group"]
-    for i in range(9):
-        rgb(20, 10).save(root / f"ok{i}.png")
-        lines.append(f"ok{i}.png,{i // 3},{('train', 'valid', 'test')[i % 3]},p{i}")
+    lines = csv_table(root, lambda i: i // 3, group=True)
     for name, split in (("p1_a.png", "train"), ("p1_b.png", "test")):
         rgb(20, 10).save(root / name)
         lines.append(f"{name},1,{split},twice")
