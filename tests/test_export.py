@@ -15,7 +15,7 @@ from dvpt_core.data.dataset import CachedSplit
 from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import save_adapter
-from dvpt_core.steps.export import ExportParityError, export, export_onnx, onnx_parity
+from dvpt_core.steps.export import PARITY_BATCH, ExportParityError, export, export_onnx, onnx_parity, parity_batches
 from dvpt_core.steps.preprocess import preprocess
 from tests.helpers import tiny_config, validated
 
@@ -27,14 +27,14 @@ SHALLOW = "model.backbone_kwargs={depth: 1}"
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    cfg = tiny_config()
+    cfg = tiny_config("synthetic.test=12")  # more test images than the parity batch
     generate_dataset(root / "data", cfg)
     preprocess(cfg, root / "data", root / "cache", validated(cfg, root / "data", root / "validation"))
     return root / "cache"
 
 
 @pytest.mark.parametrize(("method", "exporter"), [("dvpt", "dynamo"), ("lora", "dynamo"), ("dvpt", "torchscript")])
-def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method, exporter) -> None:
+def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, capfd, method, exporter) -> None:
     cfg = tiny_config(SHALLOW, f"model.method={method}", "model.gate_init=0.5", f"export.exporter={exporter}")
     model = build_model(cfg).eval()
     with torch.no_grad():
@@ -47,6 +47,7 @@ def test_export_matches_pytorch_at_any_batch_size(tmp_path, cache, method, expor
     if exporter == "torchscript":  # a re-run (DVC) exports over the last export
         report = export(cfg, cache, tmp_path / "train", out)
     assert report["max_abs_diff"] <= 1e-4
+    assert capfd.readouterr().out == "", "stdout is the CLI's JSON result: the exporters must not print there"
     written = json.loads((out / "export.json").read_text())
     assert written == report and (written["opset"], written["exporter"]) == (cfg.export.opset, exporter)
     size = cfg.model.image_size
@@ -90,3 +91,29 @@ def test_a_model_the_torchscript_exporter_cannot_export_is_exported_with_dynamo(
     assert exporter == "dynamo" and "exporting with dynamo" in caplog.text
     assert onnx_parity(model, path, [torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8)]) <= 1e-4
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_parity_is_checked_on_the_first_test_images_as_evaluation_sees_them(cache) -> None:
+    """In order and unaugmented (the training loader flips, crops and shuffles), at batch 1 and at
+    PARITY_BATCH even when the loader's batch is larger."""
+    cfg = tiny_config("train.batch_size=16")
+    info = build_model(cfg).info
+    split = CachedSplit(cache / "test", info.mean, info.std)
+    expected = torch.stack([split[i][0] for i in range(PARITY_BATCH)])
+    one, full = parity_batches(cfg, cache, info)
+    assert (len(one), len(full)) == (1, 8) and len(split) > PARITY_BATCH
+    assert torch.equal(full, expected) and torch.equal(one, expected[:1])
+
+
+def test_a_graph_that_fails_strict_shape_inference_is_refused_and_nothing_written(tmp_path, monkeypatch) -> None:
+    """The checker runs in full: a graph whose MatMul cannot multiply its declared shapes passes
+    ONNX's structural check but not shape inference, and never reaches the model's path."""
+    def inconsistent_export(model, args, f, **kwargs) -> None:
+        declared = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [2, 3]) for name in ("images", "logits")]
+        node = onnx.helper.make_node("MatMul", ["images", "images"], ["logits"])
+        onnx.save(onnx.helper.make_model(onnx.helper.make_graph([node], "g", declared[:1], declared[1:])), f)
+
+    monkeypatch.setattr(torch.onnx, "export", inconsistent_export)
+    with pytest.raises(onnx.shape_inference.InferenceError, match="Incompatible dimensions"):
+        export_onnx(torch.nn.Identity(), torch.zeros(2, 3), tmp_path / "model.onnx", 18, "torchscript")
+    assert list(tmp_path.iterdir()) == []

@@ -354,3 +354,18 @@ def test_splits_the_settings_cannot_carve_fail_validation(pristine: dict[str, Pa
         validate(cfg, pristine["ddr"], tmp_path / "validation")
     report = json.loads((tmp_path / "validation" / "validation.json").read_text())
     assert all(e["success"] for e in report["expectations"]) and report["success"] is False
+
+
+def test_a_split_the_fractions_leave_empty_names_the_split_planner(pristine: dict[str, Path], tmp_path: Path) -> None:
+    """Ten Kvasir images, one fold of five held out for test and 95% of the rest for validation,
+    leave none to train on: the planner's objection is named among the failed checks and blamed on
+    each empty split, and the unsplit images are not called leaks."""
+    cfg = ExperimentConfig(data={"format": "kvasir", "val_fraction": 0.95, "test_fraction": 0.01}, synthetic=TINY)
+    with pytest.raises(DataValidationError, match=r"failed expectations: [^)]*\(split\), split planner\)"):
+        validate(cfg, pristine["kvasir"], tmp_path / "validation")
+    report = json.loads((tmp_path / "validation" / "validation.json").read_text())
+    objection = ("split(s) train would be empty: 10 unit(s) to split with data.folds=5, data.val_fraction=0.95, "
+                 "data.test_fraction=0.01")
+    assert report["split_planner"] == objection
+    assert [(e["file"], e["reason"]) for e in report["offending"]] == [
+        ("(splits)", f"split {split} is empty: {objection}") for split in ("test", "train", "valid")]

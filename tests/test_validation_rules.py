@@ -257,6 +257,15 @@ def test_btcv_masks_are_judged_against_the_raw_13_organ_labels() -> None:
     assert frame([{"mask_max": 8}], num_classes=9, format="synapse")["mask_in_classes"].tolist() == [True]
 
 
+def test_btcv_masks_show_the_organs_their_raw_labels_map_to() -> None:
+    """Raw BTCV labels show TransUNet's classes (8 aorta -> 1, 1 spleen -> 7, 13 left adrenal ->
+    background); a raw value one past the 14-entry table shows nothing (mask_in_classes refuses it)."""
+    data = DataConfig(format="synapse", task="segmentation", synapse_labels="btcv13", class_names=[f"c{i}" for i in range(9)])
+    masks = pd.DataFrame({"mask_decoded": [True] * 3, "mask_max": [13, 14, 14],
+                          "mask_values": ["0,1,8,13", "0,14", "0,7,14"]})
+    assert shown_classes(masks, data).tolist() == [frozenset({1, 7}), frozenset(), frozenset({8})]
+
+
 def test_undecoded_masks_are_not_judged_and_shapes_must_match() -> None:
     derived = frame([{"mask_decoded": False, "mask_values": "0,7", "mask_distinct": 2},
                      {"mask_shape": "4x5"}, {"mask_shape": None}, {"shape": None}])
@@ -418,6 +427,24 @@ def test_acdc_label_values_and_integrality(tmp_path: Path) -> None:
     assert {file for file, _ in found} == set(relative[1:])
     assert any(f == relative[1] and "mask values 0,1,2,3,4 are not class indices 0-3" in r for f, r in found)
     assert any(f == relative[2] and r == "label values are not whole numbers" for f, r in found)
+
+
+def test_a_one_voxel_acdc_frame_passes_and_an_empty_one_is_refused(tmp_path: Path) -> None:
+    """The volume size rules start at one voxel: a 1x1x1 frame is data, a 0x4x2 frame is refused."""
+    root = tmp_path / "acdc"
+    cfg = ExperimentConfig(data={"format": "acdc"}, synthetic=TINY)
+    generate_dataset(root, cfg)
+    one, empty = [sorted(p.glob("*_frame??.nii.gz"))[0] for p in sorted((root / "training").iterdir())[:2]]
+    for image, shape in ((one, (1, 1, 1)), (empty, (0, 4, 2))):
+        save_nifti(image, np.full(shape, 7, dtype=np.int16))
+        save_nifti(image.with_name(image.name.replace(".nii.gz", "_gt.nii.gz")), np.zeros(shape, dtype=np.uint8))
+        if image == one:
+            assert offending(cfg, root, tmp_path / "out") == set()
+    truth = empty.with_name(empty.name.replace(".nii.gz", "_gt.nii.gz"))
+    reasons = ("0x4x2: an empty array (0 voxels; not decoded)",
+               f"0x4x2: a 0x4 slice = 0 pixels not in 1-{cfg.data.max_pixels} (data.max_pixels; not decoded)")
+    assert offending(cfg, root, tmp_path / "out2") == {
+        (str(file.relative_to(root)), reason) for file in (empty, truth) for reason in reasons}
 
 
 def test_the_written_manifest_reads_back_as_the_samples_the_reader_listed(tmp_path: Path) -> None:

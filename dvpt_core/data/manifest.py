@@ -332,7 +332,7 @@ def _load_array(path: Path, array: str, max_pixels: int, info: dict[str, Any]) -
 def _array_header(
     info: dict[str, Any], shape: tuple[int, ...], dtype: str, max_pixels: int, plane: tuple[int, int]
 ) -> bool:
-    """Records shape facts; False (with ``error`` set) when the array exceeds the limits.
+    """Records shape facts; False (with ``error`` set) when the array is empty or exceeds the limits.
 
     ``pixels`` is the size of one slice (the ``plane`` axes: width, height), held to
     ``max_pixels`` like a 2D image; ``voxels`` counts the whole array, held to
@@ -345,7 +345,9 @@ def _array_header(
         info["pixels"] = info["width"] * info["height"]
     else:
         info["pixels"] = info["voxels"]
-    if info["pixels"] > max_pixels:
+    if info["voxels"] == 0:
+        info["error"] = f"{info['shape']}: an empty array (0 voxels; not decoded)"
+    elif info["pixels"] > max_pixels:
         info["error"] = over_limit(info, max_pixels)
     elif info["voxels"] > max_pixels * MAX_SLICES_AT_LIMIT:
         info["error"] = (f"{info['shape']} = {info['voxels']} voxels exceeds data.max_pixels x "

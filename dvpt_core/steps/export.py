@@ -25,12 +25,14 @@ import torch
 
 from dvpt_core.config import ExperimentConfig
 from dvpt_core.data.dataset import make_loader
+from dvpt_core.models.backbone import BackboneInfo
 from dvpt_core.peft import build_model
 from dvpt_core.peft.adapter import apply_adapter, config_for_adapter
 from dvpt_core.tasks import get_task
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "images", "logits"
+PARITY_BATCH = 8
 
 
 class ExportParityError(RuntimeError):
@@ -89,6 +91,14 @@ def onnx_parity(model: torch.nn.Module, path: Path, batches: list[torch.Tensor])
     return max(float(np.abs(got - expected).max()) for expected, got in onnx_outputs(model, path, batches))
 
 
+def parity_batches(cfg: ExperimentConfig, cache_dir: Path, info: BackboneInfo) -> list[torch.Tensor]:
+    """The first test images as evaluation sees them (in order, unaugmented), at batch 1 and at up
+    to :data:`PARITY_BATCH`: what a served model will be given, not what training perturbs."""
+    loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg, image_size=info.image_size)
+    images, _ = next(iter(loader))
+    return [images[:1], images[: min(len(images), PARITY_BATCH)]]
+
+
 def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     adapter_dir = Path(train_dir) / "adapter"
@@ -96,11 +106,9 @@ def export(cfg: ExperimentConfig, cache_dir: Path, train_dir: Path, out_dir: Pat
     task = get_task(cfg.data.task)
     model = apply_adapter(build_model(cfg), adapter_dir).cpu().eval()
     info = model.info
-    loader = make_loader(Path(cache_dir) / "test", info.mean, info.std, False, cfg, image_size=info.image_size)
-    images, _ = next(iter(loader))
-    candidate, exporter = export_onnx(model, images[:2], out_dir / ".candidate.onnx", cfg.export.opset,
+    batches = parity_batches(cfg, cache_dir, info)
+    candidate, exporter = export_onnx(model, batches[-1][:2], out_dir / ".candidate.onnx", cfg.export.opset,
                                       cfg.export.exporter)
-    batches = [images[:1], images[: min(len(images), 8)]]
     try:
         outputs = onnx_outputs(model, candidate, batches)
         parity, problem = task.parity(outputs, cfg.export.parity_atol)

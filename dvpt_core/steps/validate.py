@@ -225,8 +225,10 @@ def with_derived_columns(manifest: pd.DataFrame, data: DataConfig, unlisted: int
     frame.insert(0, "row", np.arange(len(frame)))
     slices = frame["slice_index"].astype("string").fillna("")
     frame["sample_id"] = frame["path"] + np.where(slices == "", "", "#slice" + slices)
-    frame[SAME_CONTENT_COLUMN] = frame.groupby("sha256")["split"].transform("nunique").astype("Int64")
-    frame[SAME_GROUP_COLUMN] = frame.groupby("group")["split"].transform("nunique").astype("Int64")
+    # Null where the sample has no split (the planner refused): no leak to judge, only its objection.
+    unplanned = frame["split"].isna()
+    for column, key in ((SAME_CONTENT_COLUMN, "sha256"), (SAME_GROUP_COLUMN, "group")):
+        frame[column] = frame.groupby(key)["split"].transform("nunique").astype("Int64").mask(unplanned)
     both = frame["shape"].notna() & frame["mask_shape"].notna()
     frame["mask_matches_image"] = (frame["shape"] == frame["mask_shape"]).astype("boolean").mask(~both)
     decoded = frame["mask_decoded"].fillna(False).astype(bool)
