@@ -128,6 +128,8 @@ def run_module(module: str, targets: dict, retest: bool, sample: float | None = 
     config = WORK / f"{slug}.toml"
     copy_tree()
     env = environment()
+    # A killed run leaves its socket behind; wait_ready would take it for the new server's.
+    SOCKET.unlink(missing_ok=True)
     with (WORK / "server.log").open("a") as server_log:
         server = subprocess.Popen([sys.executable, "-B", str(TREE / "mutation" / "forkserver.py"), "serve", str(SOCKET)],
                                   cwd=TREE, env=env, stdout=server_log, stderr=subprocess.STDOUT)
@@ -138,7 +140,8 @@ def run_module(module: str, targets: dict, retest: bool, sample: float | None = 
         baseline = subprocess.run(command, shell=True, cwd=TREE, env=env, capture_output=True, text=True)
         baseline_s = time.monotonic() - started
         if baseline.returncode != 0:
-            log.error("%s skipped: its tests fail before any mutation:\n%s", module, baseline.stdout[-4000:])
+            log.error("%s skipped: its tests fail before any mutation:\n%s", module,
+                      (baseline.stdout + baseline.stderr)[-4000:])
             return
         timeout_s = TIMEOUT_FACTOR * baseline_s + TIMEOUT_SLACK_S
         config.write_text(cosmic_ray_config(module, command, timeout_s, targets["operators"]["exclude"]))
