@@ -311,6 +311,26 @@ def test_a_folder_owned_by_a_live_process_is_refused_and_a_dead_owners_run_close
     assert client.get_run(summary["run_id"]).info.status == "FINISHED" and again["run_id"] != summary["run_id"]
 
 
+def test_a_dead_claim_on_another_run_than_the_checkpoints_is_closed_whichever_id_sorts_first(workspace: Path) -> None:
+    """The run a checkpoint continues stays RUNNING for the attempt that resumes it; another run a
+    dead process claimed is closed. Run ids are random, so both orders are checked."""
+    cfg = config(workspace, "tracking.experiment=lifecycle-two-claims")
+    mlflow.set_tracking_uri(cfg.tracking.resolved_uri())
+    client = MlflowClient(cfg.tracking.resolved_uri())
+    experiment = client.create_experiment(cfg.tracking.experiment)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = workspace / "lifecycle-two-claims"
+    out.mkdir()
+    for claim_sorts_first in (True, False):
+        low, high = sorted(client.create_run(experiment).info.run_id for _ in range(2))
+        claimed, resumed = (low, high) if claim_sorts_first else (high, low)
+        (out / ACTIVE_FILE).write_text(json.dumps({"run_id": claimed, "pid": dead.pid, "host": socket.gethostname()}))
+        train_step._close_stale_run(out, keep=resumed)
+        assert (client.get_run(claimed).info.status, client.get_run(resumed).info.status) == ("KILLED", "RUNNING")
+        assert not (out / ACTIVE_FILE).exists()
+
+
 def test_a_lost_server_turns_tracking_off_with_one_line(tmp_path: Path, caplog) -> None:
     live = train_step._LiveLog(tmp_path, {}, {}, None)
     calls: list[str] = []
