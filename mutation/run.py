@@ -17,11 +17,10 @@ For each module (default: every module in ``mutation/targets.toml``) this
 ``--sample FRACTION`` tests a seeded random sample of the module's mutants (the same sample on every
 machine: the generator is seeded with the module's path), for a module whose every mutant would
 take hours; the report marks the rate as a sample's and gives its 95% interval.
-``--retest-survivors`` re-tests only the survivors of the module's last session (after tests were
-added), and the mutants that session had not reached when it was stopped; without a session in
-``.mutation/`` (a fresh checkout: it is not versioned) it starts one and carries over the mutants
-``mutation/results`` records as killed where that source line is unchanged. ``--report-only``
-rewrites the report from the stored results.
+``--retest-survivors`` re-tests only what ``mutation/results`` does not record as killed (after
+tests were added): it starts a fresh session and carries over the stored killed mutants whose
+source line is unchanged, wherever the line has moved. ``--report-only`` rewrites the report from
+the stored results.
 """
 
 from __future__ import annotations
@@ -146,17 +145,14 @@ def run_module(module: str, targets: dict, retest: bool, sample: float | None = 
         timeout_s = TIMEOUT_FACTOR * baseline_s + TIMEOUT_SLACK_S
         config.write_text(cosmic_ray_config(module, command, timeout_s, targets["operators"]["exclude"]))
         log.info("%s: tests pass unmutated in %.1f s; mutant timeout %.0f s", module, baseline_s, timeout_s)
-        if retest and session.is_file():
-            forget_survivors(session)
-        else:
-            subprocess.run([tool("cosmic-ray"), "init", str(config), str(session), "--force"], cwd=TREE, env=env, check=True)
-            subprocess.run([tool("cr-filter-operators"), str(session), str(config)], cwd=TREE, env=env, check=True)
-            if sample is not None:
-                log.info("%s: %d mutants left out of the %.0f%% sample", module, leave_out_of_sample(module, session, sample),
-                         100 * sample)
-            if retest:
-                log.info("%s: no session in %s; %d mutants killed in the stored results are not re-tested",
-                         module, WORK, seed_from_results(module, session))
+        subprocess.run([tool("cosmic-ray"), "init", str(config), str(session), "--force"], cwd=TREE, env=env, check=True)
+        subprocess.run([tool("cr-filter-operators"), str(session), str(config)], cwd=TREE, env=env, check=True)
+        if sample is not None:
+            log.info("%s: %d mutants left out of the %.0f%% sample", module, leave_out_of_sample(module, session, sample),
+                     100 * sample)
+        if retest:
+            log.info("%s: %d mutants killed in the stored results are not re-tested", module,
+                     seed_from_results(module, session))
         started = time.monotonic()
         subprocess.run([tool("cosmic-ray"), "exec", str(config), str(session)], cwd=TREE, env=env, check=True)
         elapsed = time.monotonic() - started
@@ -180,37 +176,32 @@ def leave_out_of_sample(module: str, session: Path, fraction: float) -> int:
     return len(left_out)
 
 
-def forget_survivors(session: Path) -> None:
-    """Drop the survivors' results so ``cosmic-ray exec`` tests them again."""
-    with sqlite3.connect(session) as db:
-        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
-
-
 def seed_from_results(module: str, session: Path) -> int:
-    """Give a fresh session the stored results' killed and timed-out mutants, so that
-    ``--retest-survivors`` works without the last session (``.mutation/`` is not versioned).
+    """Give the fresh session the stored results' killed and timed-out mutants (``mutation/results``
+    is versioned; Cosmic Ray's sessions in ``.mutation/`` are not, and may be older than the module).
 
-    A stored mutant is carried over only when the fresh session has the same operator and
-    occurrence at the same position and that source line still reads as it did; any other mutant
-    (the module changed there) is tested again.
+    A stored mutant is carried over when the session has the same operator at the same column of a
+    source line that still reads as it did, wherever that line has moved (the n-th such mutant to
+    the n-th, in order); a mutant on a changed line is tested again.
     """
     path = RESULTS / f"{module.replace('/', '.')}.json"
     if not path.is_file():
         return 0
     lines = (TREE / module).read_text().splitlines()
-    decided = {
-        ("core/" + m["operator"], m["occurrence"], m["line"], m["column"]): m
-        for m in json.loads(path.read_text())["mutants"] if m["outcome"] in ("killed", "timeout")
-    }
+    decided: dict[tuple[str, int, str], list[dict]] = {}
+    for m in sorted(json.loads(path.read_text())["mutants"], key=lambda m: m["occurrence"]):
+        if m["outcome"] in ("killed", "timeout"):
+            decided.setdefault(("core/" + m["operator"], m["column"], m["original"].split(" / ")[0].strip()), []).append(m)
     seeded = 0
     with sqlite3.connect(session) as db:
-        specs = db.execute("SELECT s.job_id, s.operator_name, s.occurrence, s.start_pos_row, s.start_pos_col "
+        specs = db.execute("SELECT s.job_id, s.operator_name, s.start_pos_row, s.start_pos_col "
                            "FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id "
-                           "WHERE r.job_id IS NULL").fetchall()
-        for job_id, operator, occurrence, row, col in specs:
-            stored = decided.get((operator, occurrence, row, col))
-            if stored is None or lines[row - 1].strip() not in stored["original"].split(" / "):
+                           "WHERE r.job_id IS NULL ORDER BY s.occurrence").fetchall()
+        for job_id, operator, row, col in specs:
+            same = decided.get((operator, col, lines[row - 1].strip()))
+            if not same:
                 continue
+            stored = same.pop(0)
             # The diff as changed_lines() reads it back, so the report shows the same lines.
             diff = "\n".join(f"-{line}" for line in stored["original"].split(" / ")) + "\n" + "\n".join(
                 f"+{line}" for line in filter(None, stored["mutant"].split(" / ")))
