@@ -188,20 +188,23 @@ def seed_from_results(module: str, session: Path) -> int:
     if not path.is_file():
         return 0
     lines = (TREE / module).read_text().splitlines()
-    decided: dict[tuple[str, int, str], list[dict]] = {}
+    decided: dict[tuple[str, int], list[dict]] = {}
     for m in sorted(json.loads(path.read_text())["mutants"], key=lambda m: m["occurrence"]):
         if m["outcome"] in ("killed", "timeout"):
-            decided.setdefault(("core/" + m["operator"], m["column"], m["original"].split(" / ")[0].strip()), []).append(m)
+            decided.setdefault(("core/" + m["operator"], m["column"]), []).append(m)
     seeded = 0
     with sqlite3.connect(session) as db:
         specs = db.execute("SELECT s.job_id, s.operator_name, s.start_pos_row, s.start_pos_col "
                            "FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id "
                            "WHERE r.job_id IS NULL ORDER BY s.occurrence").fetchall()
         for job_id, operator, row, col in specs:
-            same = decided.get((operator, col, lines[row - 1].strip()))
-            if not same:
+            # "original" is the changed lines joined by " / " (a statement can span lines).
+            line = lines[row - 1].strip()
+            same = decided.get((operator, col), [])
+            stored = next((m for m in same if m["original"] == line or m["original"].startswith(line + " / ")), None)
+            if stored is None:
                 continue
-            stored = same.pop(0)
+            same.remove(stored)
             # The diff as changed_lines() reads it back, so the report shows the same lines.
             diff = "\n".join(f"-{line}" for line in stored["original"].split(" / ")) + "\n" + "\n".join(
                 f"+{line}" for line in filter(None, stored["mutant"].split(" / ")))
