@@ -160,7 +160,7 @@ def test_manifest_records_problems_instead_of_raising(tiny_copy: Path, tmp_path:
     with (tiny_copy / "train.txt").open("a") as handle:
         handle.write("truncated.jpg 0\nlink.jpg 0\n../../outside.jpg 0\n")
 
-    frame = build_manifest(tiny_copy, read_ddr(tiny_copy), max_pixels=64 * 64).set_index("path")
+    frame = build_manifest(tiny_copy, read_ddr(tiny_copy), max_pixels=64 * 64, mask_threshold=DataConfig().mask_threshold).set_index("path")
     assert frame.loc[good.relative_to(tiny_copy).as_posix(), "readable"]
     assert "truncated" in frame.loc["train/truncated.jpg", "error"].lower()
     assert "symlink" in frame.loc["train/link.jpg", "error"]
@@ -168,7 +168,7 @@ def test_manifest_records_problems_instead_of_raising(tiny_copy: Path, tmp_path:
     assert not frame.loc[["train/truncated.jpg", "train/link.jpg", "train/../../outside.jpg"], "readable"].any()
     assert frame["sha256"].str.len().dropna().eq(64).all()
 
-    small = build_manifest(tiny_copy, read_ddr(tiny_copy)[:1], max_pixels=100)
+    small = build_manifest(tiny_copy, read_ddr(tiny_copy)[:1], max_pixels=100, mask_threshold=DataConfig().mask_threshold)
     assert not small.loc[0, "readable"] and "exceeds data.max_pixels=100" in small.loc[0, "error"]
 
 

@@ -340,7 +340,7 @@ def test_a_volume_header_claiming_absurd_depth_is_refused_before_reading_data(tm
     bomb = tmp_path / "bomb.nii"
     bomb.write_bytes(header.binaryblock + b"\0" * 4)
     sample = Sample(path=bomb, label=None, split="train", mask=bomb, volume="bomb", slice_index=0)
-    (row,) = build_manifest(tmp_path, [sample], max_pixels=40_000_000).to_dict("records")
+    (row,) = build_manifest(tmp_path, [sample], max_pixels=40_000_000, mask_threshold=128).to_dict("records")
     assert row["kind"] == "volume" and row["pixels"] == 4096 * 4096 and pd.isna(row["decoded"])
     assert row["error"] == ("4096x4096x4096 = 68719476736 voxels exceeds data.max_pixels x 64 = 2560000000 "
                             "(not decoded)")

@@ -211,6 +211,14 @@ def test_paths_escaping_the_root(tmp_path: Path) -> None:
     assert row["inside_root"] is False and pd.isna(row["bytes"]) and pd.isna(row["sha256"])
     assert relative_path(root, root / "sub" / "a.png") == "sub/a.png"
     assert relative_path(root, root / ".." / "b.png") == "../b.png"
+    assert relative_path(root, outside) == "../b.png", "a path not spelled from the root"
+
+
+def test_an_npz_holding_python_objects_is_refused_not_unpickled(tmp_path: Path) -> None:
+    """Loading an object array runs pickle, which can run code: an .npz is data only."""
+    np.savez(tmp_path / "evil.npz", image=np.array([{"payload": 1}], dtype=object))
+    row = manifest_row(tmp_path, Sample(tmp_path / "evil.npz", None, "train"), max_pixels=100)
+    assert not row["readable"] and "allow_pickle=False" in row["error"]
 
 
 def test_file_kinds() -> None:

@@ -72,7 +72,7 @@ MAX_SLICES_AT_LIMIT = 64
 
 
 def build_manifest(
-    root: Path, samples: Sequence[Sample], max_pixels: int, *, mask_threshold: int = 128,
+    root: Path, samples: Sequence[Sample], max_pixels: int, *, mask_threshold: int,
     link_roots: Sequence[Path] = (),
 ) -> pd.DataFrame:
     """One row per sample, in sample order; never raises for a bad file (see the columns).
