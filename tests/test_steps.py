@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from onnx import TensorProto, helper
@@ -485,6 +486,24 @@ def test_a_tied_validation_score_keeps_the_earliest_epoch(workspace: Path) -> No
     kappas = [row["val_kappa"] for row in history(workspace / "ties")]
     assert kappas[0] == kappas[1] == kappas[2]
     assert summary["best_epoch"] == 1
+
+
+def test_a_repeat_registration_reuses_only_the_newest_ready_version_not_marked_failed() -> None:
+    """Still pending, failed to register, or marked failed by an earlier attempt's undo: never reused."""
+    failed = [ModelVersionTag("dvpt.registration", "failed")]
+    versions = [ModelVersion("m", "1", 0, run_id="r"), ModelVersion("m", "2", 0, run_id="r"),
+                ModelVersion("m", "3", 0, run_id="r", tags=failed),
+                ModelVersion("m", "4", 0, run_id="r", status="PENDING_REGISTRATION"),
+                ModelVersion("m", "5", 0, run_id="r", status="FAILED_REGISTRATION")]
+
+    class Registry:
+        def search_model_versions(self, filter_string: str) -> list[ModelVersion]:
+            assert filter_string == "name='m' and run_id='r'"
+            return versions
+
+    assert register_step._existing(Registry(), "m", "r").version == "2"
+    del versions[:2]
+    assert register_step._existing(Registry(), "m", "r") is None
 
 
 def test_a_registry_that_cannot_search_versions_still_registers(trained: dict, workspace: Path, monkeypatch) -> None:
