@@ -59,7 +59,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import SegformerForSemanticSegmentation
 from transformers.models.segformer.modeling_segformer import SegformerLayer, SegformerMLP
 
@@ -86,14 +85,16 @@ class DVPTSegformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = attention_residual(self.block, x, height, width)
         if self.prompts is not None:
-            x = x + self.gate * self.cross_attention(x)
+            update = self.gate * self.cross_attention(x)
+            # Only the first m positions change; concatenating (rather than adding a zero-padded
+            # update) keeps autograd from saving a full-size padded copy for the gate's gradient.
+            x = torch.cat([x[:, : update.shape[1]] + update, x[:, update.shape[1]:]], dim=1)
         return x + ffn(self.block, x, height, width) + self.dvpt(x, 0)
 
     def cross_attention(self, tokens: torch.Tensor) -> torch.Tensor:
-        """P' = softmax(P E~^T / sqrt(C)) E~ on the first m positions, zeros elsewhere."""
+        """P' = softmax(P E~^T / sqrt(C)) E~, the update of the first m positions."""
         weights = torch.softmax(self.prompts @ tokens.transpose(1, 2) * self.scale, dim=-1)
-        out = weights @ tokens
-        return F.pad(out, (0, 0, 0, tokens.shape[1] - out.shape[1]))
+        return weights @ tokens
 
 
 class DVPTProjection(nn.Module):
