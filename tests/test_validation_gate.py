@@ -214,7 +214,7 @@ def nifti_four_dimensional(root: Path) -> tuple[str, str]:
     for gt in (False, True):
         path = acdc_volume(root, gt=gt)
         save_nifti(path, np.asanyarray(nibabel.load(path).dataobj)[..., None].repeat(2, axis=3))
-    return "training/patient002/patient002_frame01_gt.nii.gz", "expected a 3-D volume"
+    return "training/patient002/patient002_frame01.nii.gz", "expected a 3-D volume (x, y, slices), got shape ("
 
 
 def label_value_outside_classes(root: Path) -> tuple[str, str]:

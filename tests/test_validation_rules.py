@@ -40,10 +40,12 @@ from dvpt_core.data.synthetic import generate_dataset
 from dvpt_core.steps.validate import (
     MAX_AMBIGUOUS_SHARE,
     DataValidationError,
+    classes_missing,
     shown_classes,
     validate,
     with_derived_columns,
 )
+from tests.test_formats import write_synapse
 
 RNG = np.random.default_rng(0)
 
@@ -274,6 +276,22 @@ def test_btcv_masks_show_the_organs_their_raw_labels_map_to() -> None:
     assert shown_classes(masks, data).tolist() == [frozenset({1, 7}), frozenset(), frozenset({8})]
 
 
+def test_mask_values_beyond_the_classes_show_no_structure() -> None:
+    """ACDC's classes are 0-3: a raw 4 or 5 is refused by mask_in_classes and shows nothing."""
+    masks = pd.DataFrame({"mask_decoded": [True], "mask_max": [5], "mask_values": ["0,2,4,5"]})
+    assert shown_classes(masks, DataConfig(format="acdc")).tolist() == [frozenset({2})]
+
+
+def test_a_class_is_missing_from_a_split_where_no_sample_shows_it() -> None:
+    """Classification: every class, 0 included; segmentation: the structures, never the background."""
+    splits = pd.DataFrame({"split": ["train", "train", "test", None]})
+    shown = pd.Series([frozenset({1}), frozenset({2}), frozenset({0, 1, 2}), frozenset({0})])
+    graded = DataConfig(format="csv", class_names=["a", "b", "c"])
+    assert classes_missing(splits, shown, graded) == {"train": ["0 (a)"], "test": []}
+    organs = DataConfig(format="csv", task="segmentation", class_names=["bg", "b", "c"])
+    assert classes_missing(splits, pd.Series([frozenset({1})] * 4), organs) == {"train": ["2 (c)"], "test": ["2 (c)"]}
+
+
 def test_undecoded_masks_are_not_judged_and_shapes_must_match() -> None:
     derived = frame([{"mask_decoded": False, "mask_values": "0,7", "mask_distinct": 2},
                      {"mask_shape": "4x5"}, {"mask_shape": None}, {"shape": None}])
@@ -453,6 +471,16 @@ def test_a_one_voxel_acdc_frame_passes_and_an_empty_one_is_refused(tmp_path: Pat
                f"0x4x2: a 0x4 slice = 0 pixels not in 1-{cfg.data.max_pixels} (data.max_pixels; not decoded)")
     assert offending(cfg, root, tmp_path / "out2") == {
         (str(file.relative_to(root)), reason) for file in (empty, truth) for reason in reasons}
+
+
+def test_transunet_slices_must_be_2d(tmp_path: Path) -> None:
+    """A train_npz slice holding a stack of two slices is refused, image and label alike."""
+    root = write_synapse(tmp_path / "synapse", [0, 1, 5, 8])
+    stacked = sorted((root / "train_npz").glob("*.npz"))[0]
+    np.savez(stacked, image=RNG.random((2, 16, 20), dtype=np.float32), label=np.zeros((2, 16, 20), dtype=np.float32))
+    cfg = ExperimentConfig(data={"format": "synapse"}, validation={"class_missing_from_train": "ignore"})
+    assert offending(cfg, root, tmp_path / "out") == {
+        (f"train_npz/{stacked.name}", "3-D array of shape 2x16x20, expected 2-D")}
 
 
 def test_the_written_manifest_reads_back_as_the_samples_the_reader_listed(tmp_path: Path) -> None:

@@ -89,6 +89,8 @@ def slice_count(image: Path, truth: Path) -> int:
     import nibabel
 
     shapes = [nibabel.load(path).shape for path in (image, truth)]
-    if len(shapes[0]) != 3 or shapes[0] != shapes[1]:
+    if len(shapes[0]) != 3:
+        raise DatasetFormatError(f"{image}: expected a 3-D volume (x, y, slices), got shape {shapes[0]}")
+    if shapes[0] != shapes[1]:
         raise DatasetFormatError(f"{truth}: expected a 3-D volume shaped like {image} {shapes[0]}, got {shapes[1]}")
     return int(shapes[0][2])
