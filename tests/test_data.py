@@ -151,7 +151,7 @@ def test_reader_needs_every_list_file(tiny_copy: Path) -> None:
 # --- manifest --------------------------------------------------------------------------------
 
 
-def test_manifest_records_problems_instead_of_raising(tiny_copy: Path, tmp_path: Path) -> None:
+def test_manifest_records_problems_instead_of_raising(tiny_copy: Path, tmp_path: Path, caplog) -> None:
     good = tiny_copy / "train" / list_lines(tiny_copy, "train")[0][0]
     (tiny_copy / "train" / "truncated.jpg").write_bytes(good.read_bytes()[:400])
     outside = tmp_path / "outside.jpg"
@@ -160,7 +160,10 @@ def test_manifest_records_problems_instead_of_raising(tiny_copy: Path, tmp_path:
     with (tiny_copy / "train.txt").open("a") as handle:
         handle.write("truncated.jpg 0\nlink.jpg 0\n../../outside.jpg 0\n")
 
-    frame = build_manifest(tiny_copy, read_ddr(tiny_copy), max_pixels=64 * 64, mask_threshold=DataConfig().mask_threshold).set_index("path")
+    with caplog.at_level(logging.INFO, logger="dvpt_core.data.manifest"):
+        frame = build_manifest(tiny_copy, read_ddr(tiny_copy), max_pixels=64 * 64,
+                               mask_threshold=DataConfig().mask_threshold).set_index("path")
+    assert caplog.records[-1].getMessage().endswith(f": {len(frame)} samples from {len(frame)} files, 3 unreadable")
     assert frame.loc[good.relative_to(tiny_copy).as_posix(), "readable"]
     assert "truncated" in frame.loc["train/truncated.jpg", "error"].lower()
     assert "symlink" in frame.loc["train/link.jpg", "error"]
