@@ -488,7 +488,7 @@ def test_a_tied_validation_score_keeps_the_earliest_epoch(workspace: Path) -> No
     assert summary["best_epoch"] == 1
 
 
-def test_a_repeat_registration_reuses_only_the_newest_ready_version_not_marked_failed() -> None:
+def test_register_reuses_only_the_newest_ready_version_not_marked_failed() -> None:
     """Still pending, failed to register, or marked failed by an earlier attempt's undo: never reused."""
     failed = [ModelVersionTag("dvpt.registration", "failed")]
     versions = [ModelVersion("m", "1", 0, run_id="r"), ModelVersion("m", "2", 0, run_id="r"),
