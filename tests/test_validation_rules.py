@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ from dvpt_core.data.manifest import (
 )
 from dvpt_core.data.records import Sample
 from dvpt_core.data.synthetic import generate_dataset
+from dvpt_core.steps import validate as validate_step
 from dvpt_core.steps.validate import (
     MAX_AMBIGUOUS_SHARE,
     DataValidationError,
@@ -495,3 +497,16 @@ def test_the_written_manifest_reads_back_as_the_samples_the_reader_listed(tmp_pa
     assert [s.mask for s in samples] == [tmp_path / "data" / m for m in frame["mask"]]
     assert all(s.mask.is_file() for s in samples) and len(samples) == 10
     assert digests == list(frame["sha256"]) and mask_digests == list(frame["mask_sha256"])
+
+
+def test_a_great_expectations_log_level_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only GX's unset level is raised to WARNING: a user debugging GX keeps the DEBUG they chose."""
+    gx_logger = logging.getLogger("great_expectations")
+    before = gx_logger.level
+    monkeypatch.setattr(validate_step, "_GX_QUIET", None)  # as before GX's first import in a process
+    gx_logger.setLevel(logging.DEBUG)
+    try:
+        validate_step._import_gx()
+        assert gx_logger.level == logging.DEBUG and validate_step._GX_QUIET is False
+    finally:
+        gx_logger.setLevel(before)
