@@ -19,7 +19,8 @@ machine: the generator is seeded with the module's path), for a module whose eve
 take hours; the report marks the rate as a sample's and gives its 95% interval.
 ``--retest-survivors`` re-tests only what ``mutation/results`` does not record as killed (after
 tests were added): it starts a fresh session and carries over the stored killed mutants whose
-source line is unchanged, wherever the line has moved. ``--report-only`` rewrites the report from
+source line is unchanged, wherever the line has moved; a module stored as a sample re-tests the
+survivors of that same sample (run a fresh sample after changing the module). ``--report-only`` rewrites the report from
 the stored results.
 """
 
@@ -147,12 +148,15 @@ def run_module(module: str, targets: dict, retest: bool, sample: float | None = 
         log.info("%s: tests pass unmutated in %.1f s; mutant timeout %.0f s", module, baseline_s, timeout_s)
         subprocess.run([tool("cosmic-ray"), "init", str(config), str(session), "--force"], cwd=TREE, env=env, check=True)
         subprocess.run([tool("cr-filter-operators"), str(session), str(config)], cwd=TREE, env=env, check=True)
-        if sample is not None:
+        stored = RESULTS / f"{slug}.json"
+        stored_sample = retest and stored.is_file() and json.loads(stored.read_text()).get("not_sampled", 0) > 0
+        if sample is not None and not stored_sample:
             log.info("%s: %d mutants left out of the %.0f%% sample", module, leave_out_of_sample(module, session, sample),
                      100 * sample)
         if retest:
-            log.info("%s: %d mutants killed in the stored results are not re-tested", module,
-                     seed_from_results(module, session))
+            seeded, left_out = seed_from_results(module, session, keep_sample=stored_sample)
+            log.info("%s: %d mutants killed in the stored results are not re-tested%s", module, seeded,
+                     f"; {left_out} outside the stored sample are left out" if stored_sample else "")
         started = time.monotonic()
         subprocess.run([tool("cosmic-ray"), "exec", str(config), str(session)], cwd=TREE, env=env, check=True)
         elapsed = time.monotonic() - started
@@ -166,9 +170,10 @@ def run_module(module: str, targets: dict, retest: bool, sample: float | None = 
 def leave_out_of_sample(module: str, session: Path, fraction: float) -> int:
     """Mark all but a seeded random ``fraction`` of the untested mutants as skipped."""
     with sqlite3.connect(session) as db:
+        # In source order (job ids are random per session): the same module gives the same sample.
         jobs = [row[0] for row in db.execute(
             "SELECT s.job_id FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id "
-            "WHERE r.job_id IS NULL ORDER BY s.job_id")]
+            "WHERE r.job_id IS NULL ORDER BY s.start_pos_row, s.start_pos_col, s.operator_name, s.occurrence")]
         kept = set(random.Random(module).sample(jobs, round(fraction * len(jobs))))
         left_out = [job for job in jobs if job not in kept]
         db.executemany("INSERT INTO work_results (job_id, worker_outcome, output, test_outcome, diff) "
@@ -176,23 +181,24 @@ def leave_out_of_sample(module: str, session: Path, fraction: float) -> int:
     return len(left_out)
 
 
-def seed_from_results(module: str, session: Path) -> int:
+def seed_from_results(module: str, session: Path, keep_sample: bool = False) -> tuple[int, int]:
     """Give the fresh session the stored results' killed and timed-out mutants (``mutation/results``
     is versioned; Cosmic Ray's sessions in ``.mutation/`` are not, and may be older than the module).
 
-    A stored mutant is carried over when the session has the same operator at the same column of a
+    A stored mutant is matched when the session has the same operator at the same column of a
     source line that still reads as it did, wherever that line has moved (the n-th such mutant to
-    the n-th, in order); a mutant on a changed line is tested again.
+    the n-th, in order); a mutant on a changed line is tested again. ``keep_sample`` (the stored
+    run was a sample): every mutant that matches none of the stored ones is left out, so the
+    survivors of the same sample are re-tested. Returns (carried over, left out).
     """
     path = RESULTS / f"{module.replace('/', '.')}.json"
     if not path.is_file():
-        return 0
+        return 0, 0
     lines = (TREE / module).read_text().splitlines()
-    decided: dict[tuple[str, int], list[dict]] = {}
+    tested: dict[tuple[str, int], list[dict]] = {}
     for m in sorted(json.loads(path.read_text())["mutants"], key=lambda m: m["occurrence"]):
-        if m["outcome"] in ("killed", "timeout"):
-            decided.setdefault(("core/" + m["operator"], m["column"]), []).append(m)
-    seeded = 0
+        tested.setdefault(("core/" + m["operator"], m["column"]), []).append(m)
+    seeded = left_out = 0
     with sqlite3.connect(session) as db:
         specs = db.execute("SELECT s.job_id, s.operator_name, s.start_pos_row, s.start_pos_col "
                            "FROM mutation_specs s LEFT JOIN work_results r ON s.job_id = r.job_id "
@@ -200,11 +206,17 @@ def seed_from_results(module: str, session: Path) -> int:
         for job_id, operator, row, col in specs:
             # "original" is the changed lines joined by " / " (a statement can span lines).
             line = lines[row - 1].strip()
-            same = decided.get((operator, col), [])
+            same = tested.get((operator, col), [])
             stored = next((m for m in same if m["original"] == line or m["original"].startswith(line + " / ")), None)
             if stored is None:
+                if keep_sample:
+                    db.execute("INSERT INTO work_results (job_id, worker_outcome, output, test_outcome, diff) "
+                               "VALUES (?, 'SKIPPED', ?, NULL, NULL)", (job_id, NOT_SAMPLED))
+                    left_out += 1
                 continue
             same.remove(stored)
+            if stored["outcome"] not in ("killed", "timeout"):
+                continue
             # The diff as changed_lines() reads it back, so the report shows the same lines.
             diff = "\n".join(f"-{line}" for line in stored["original"].split(" / ")) + "\n" + "\n".join(
                 f"+{line}" for line in filter(None, stored["mutant"].split(" / ")))
@@ -212,7 +224,7 @@ def seed_from_results(module: str, session: Path) -> int:
                        "VALUES (?, 'NORMAL', ?, 'KILLED', ?)",
                        (job_id, "timeout" if stored["outcome"] == "timeout" else "carried over from the stored results", diff))
             seeded += 1
-    return seeded
+    return seeded, left_out
 
 
 def save_results(module: str, session: Path, args: list[str], baseline_s: float, elapsed_s: float) -> None:
