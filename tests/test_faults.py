@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,18 +65,30 @@ def _epochs_done(out: Path) -> int:
 
 def _start_and_stop(command: list[str], out: Path, after_epochs: int, sig: signal.Signals) -> tuple[int, str]:
     """Start training, send ``sig`` once ``after_epochs`` epochs are checkpointed and logged (0: as
-    soon as the MLflow run exists, i.e. within the first epoch); returns the exit code and stderr."""
+    soon as the MLflow run exists, i.e. within the first epoch); returns the exit code and stderr.
+
+    The process is held (SIGSTOP) where the poll found it before the signal is chosen: on a loaded
+    machine the poll can wake up an epoch late, and a run that already went past ``after_epochs``
+    is let finish, discarded and started again, so the signal always lands where the test says."""
     log = out.parent / f"stopped-{sig.name}.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=_env())
-        deadline = time.monotonic() + 300
-        while (not (out / "active.json").is_file()) or _epochs_done(out) < after_epochs:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "training did not progress"
-            time.sleep(0.05)
-        process.send_signal(sig)
-        process.wait(timeout=120)
-    return process.returncode, log.read_text()
+    for _ in range(5):
+        with log.open("w") as stderr:
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=_env())
+            deadline = time.monotonic() + 300
+            while (not (out / "active.json").is_file()) or _epochs_done(out) < after_epochs:
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "training did not progress"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGSTOP)
+            if _epochs_done(out) == after_epochs and not (out / "run.json").exists():
+                process.send_signal(sig)
+                process.send_signal(signal.SIGCONT)
+                process.wait(timeout=120)
+                return process.returncode, log.read_text()
+            process.send_signal(signal.SIGCONT)
+            process.wait(timeout=120)
+        shutil.rmtree(out)
+    raise AssertionError(f"training always went past {after_epochs} epochs before the signal could be sent")
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
