@@ -73,7 +73,10 @@ def _start_and_stop(command: list[str], out: Path, after_epochs: int, sig: signa
     log = out.parent / f"stopped-{sig.name}.log"
     for _ in range(5):
         with log.open("w") as stderr:
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=_env())
+            # SIGINT as a terminal delivers it: a shell starts background jobs (CI scripts) with
+            # SIGINT ignored, and a Python started so never raises KeyboardInterrupt.
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=_env(),
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             deadline = time.monotonic() + 300
             while (not (out / "active.json").is_file()) or _epochs_done(out) < after_epochs:
                 assert process.poll() is None, log.read_text()[-3000:]
