@@ -148,15 +148,15 @@ def run_module(module: str, targets: dict, retest: bool, sample: float | None = 
         log.info("%s: tests pass unmutated in %.1f s; mutant timeout %.0f s", module, baseline_s, timeout_s)
         subprocess.run([tool("cosmic-ray"), "init", str(config), str(session), "--force"], cwd=TREE, env=env, check=True)
         subprocess.run([tool("cr-filter-operators"), str(session), str(config)], cwd=TREE, env=env, check=True)
-        stored = RESULTS / f"{slug}.json"
-        stored_sample = retest and stored.is_file() and json.loads(stored.read_text()).get("not_sampled", 0) > 0
-        if sample is not None and not stored_sample:
+        path = RESULTS / f"{slug}.json"
+        stored = json.loads(path.read_text()) if retest and path.is_file() else None
+        if sample is not None and not (stored and stored.get("not_sampled")):
             log.info("%s: %d mutants left out of the %.0f%% sample", module, leave_out_of_sample(module, session, sample),
                      100 * sample)
-        if retest:
-            seeded, left_out = seed_from_results(module, session, keep_sample=stored_sample)
-            log.info("%s: %d mutants killed in the stored results are not re-tested%s", module, seeded,
-                     f"; {left_out} outside the stored sample are left out" if stored_sample else "")
+        if stored:
+            seeded, left_out = seed_from_results(module, session, stored)
+            log.info("%s: %d mutants killed in the stored results are not re-tested; %d outside the stored sample "
+                     "are left out", module, seeded, left_out)
         started = time.monotonic()
         subprocess.run([tool("cosmic-ray"), "exec", str(config), str(session)], cwd=TREE, env=env, check=True)
         elapsed = time.monotonic() - started
@@ -181,22 +181,20 @@ def leave_out_of_sample(module: str, session: Path, fraction: float) -> int:
     return len(left_out)
 
 
-def seed_from_results(module: str, session: Path, keep_sample: bool = False) -> tuple[int, int]:
+def seed_from_results(module: str, session: Path, stored: dict) -> tuple[int, int]:
     """Give the fresh session the stored results' killed and timed-out mutants (``mutation/results``
     is versioned; Cosmic Ray's sessions in ``.mutation/`` are not, and may be older than the module).
 
     A stored mutant is matched when the session has the same operator at the same column of a
     source line that still reads as it did, wherever that line has moved (the n-th such mutant to
-    the n-th, in order); a mutant on a changed line is tested again. ``keep_sample`` (the stored
-    run was a sample): every mutant that matches none of the stored ones is left out, so the
-    survivors of the same sample are re-tested. Returns (carried over, left out).
+    the n-th, in order); a mutant on a changed line is tested again. When the stored run was a
+    sample, every mutant that matches none of the stored ones is left out, so the survivors of the
+    same sample are re-tested. Returns (carried over, left out).
     """
-    path = RESULTS / f"{module.replace('/', '.')}.json"
-    if not path.is_file():
-        return 0, 0
+    keep_sample = stored.get("not_sampled", 0) > 0  # results written before sampling existed lack it
     lines = (TREE / module).read_text().splitlines()
     tested: dict[tuple[str, int], list[dict]] = {}
-    for m in sorted(json.loads(path.read_text())["mutants"], key=lambda m: m["occurrence"]):
+    for m in sorted(stored["mutants"], key=lambda m: m["occurrence"]):
         tested.setdefault(("core/" + m["operator"], m["column"]), []).append(m)
     seeded = left_out = 0
     with sqlite3.connect(session) as db:
