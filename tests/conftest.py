@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+from xdist.scheduler import LoadScopeScheduling
 
 from infra.local_stack import LocalStack, S3Store, free_port, http_ok, stop_process_group
 
@@ -34,11 +35,14 @@ SHARED_GROUPS = {
     "registry": {"test_serving", "test_promotion"},
     "stack": {"test_dvc_pipeline", "test_kfp", "test_dvc_remote"},
 }
-# Rough wall time of each heavy group (seconds, one worker), to schedule the longest first.
 # Fixtures that start services; every test using one (directly or through another fixture) is slow.
 SERVICE_FIXTURES = {"mlflow_server", "local_stack"}
+# Rough wall time of each heavy group (seconds, one worker, whole suite), to schedule the longest
+# first; the fast tier's heaviest modules follow for the same reason when it runs alone.
 GROUP_WEIGHT = {"stack": 600, "test_segmentation_pipeline": 500, "test_faults": 450, "registry": 400,
-                "test_compare": 330, "test_faults_data": 200, "test_distributed": 150}
+                "test_compare": 330, "test_faults_data": 200, "test_distributed": 150,
+                "test_validation_gate": 40, "test_methods": 25, "test_validation_rules": 18,
+                "test_steps": 17, "test_segformer": 15, "test_export": 15}
 
 
 class LocalMlflowServer:
@@ -122,21 +126,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """A test that needs a service (an MLflow server, the local production stack) is ``slow``: the
     fast tier (``-m "not slow"``) is unit tests of the science, the slow tier the wiring.
 
-    Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) a test module runs
-    on one worker, so its module fixtures are built once; modules that share a session fixture
-    built by training or by starting services share a group, and the heaviest groups start first
-    so that neither worker is left with a long tail."""
+    The heaviest groups (:func:`group_of`) come first: under pytest-xdist that order is the
+    schedule (:class:`GroupScheduling`), so that neither worker is left with a long tail."""
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        module = item.path.stem
-        group = next((name for name, modules in SHARED_GROUPS.items() if module in modules), module)
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: -GROUP_WEIGHT.get(_group(item), 0))
+    items.sort(key=lambda item: -GROUP_WEIGHT.get(group_of(item.nodeid), 0))
 
 
-def _group(item: pytest.Item) -> str:
-    return item.get_closest_marker("xdist_group").args[0]
+def group_of(nodeid: str) -> str:
+    """The scheduling unit of a test: its module, or the group of modules sharing a session fixture."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return next((name for name, modules in SHARED_GROUPS.items() if module in modules), module)
+
+
+class GroupScheduling(LoadScopeScheduling):
+    """``--dist loadgroup`` for this suite (``make test`` runs two workers): a whole group runs on
+    one worker, so its module fixtures are built once and a shared stack is started once, and the
+    groups go out in collection order (heaviest first), not by their number of tests.
+
+    The group comes from the node id's module (:func:`group_of`), not from ``xdist_group``
+    marks: pytest 9.2's structured node ids drop the suffix through which pytest-xdist 3.8
+    carries a mark's group, and it then silently spreads every test on its own
+    (pytest-dev/pytest-xdist#1386), building each module fixture on both workers."""
+
+    def __init__(self, config: pytest.Config, log=None) -> None:
+        super().__init__(config, log)
+        config.option.loadscopereorder = False
+
+    def _split_scope(self, nodeid: str) -> str:
+        return group_of(nodeid)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadScopeScheduling | None:
+    return GroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 @pytest.fixture(scope="session")

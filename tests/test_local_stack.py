@@ -16,12 +16,25 @@ from infra.local_stack import LocalStack, StackError, service_processes, stop_pr
 
 
 def _spawn(script: str, children: int) -> subprocess.Popen:
-    """``sh -c script`` as a service leader, once it has started ``children`` processes."""
+    """``sh -c script`` as a service leader, once ``children`` of its processes run ``sleep``.
+
+    Counting forks is not enough: a forked child is still ``sh`` until it execs, and ``setsid``
+    moves to its own session only before that exec."""
     process = subprocess.Popen(["sh", "-c", script], start_new_session=True)
     deadline = time.monotonic() + 10
-    while len(psutil.Process(process.pid).children(recursive=True)) < children and time.monotonic() < deadline:
+    while _sleeping(process) < children and time.monotonic() < deadline:
         time.sleep(0.05)
     return process
+
+
+def _sleeping(process: subprocess.Popen) -> int:
+    count = 0
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            count += child.name() == "sleep"
+        except psutil.NoSuchProcess:
+            pass
+    return count
 
 
 def test_stop_ends_the_group_and_the_children_that_left_it() -> None:

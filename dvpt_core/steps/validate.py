@@ -497,8 +497,10 @@ def run_suite(frame: pd.DataFrame, checks: list[Check], docs_dir: Path, suite_na
         .add_dataframe_asset("manifest")
         .add_batch_definition_whole_dataframe("manifest")
     )
-    suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
-    expectations = [suite.add_expectation(check.expectation) for check in checks]
+    # Given whole: adding expectations one by one re-serialises the stored suite on each (quadratic).
+    suite = context.suites.add(gx.ExpectationSuite(name=suite_name,
+                                                   expectations=[check.expectation for check in checks]))
+    expectations = suite.expectations
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
     )
