@@ -44,7 +44,7 @@ pipeline: data
 # the other's training. TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 test: setup
-	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # MODULE: one module (minutes); RETEST=1: only what mutation/results does not record as killed (after adding tests);
 # SAMPLE=0.25: a seeded random quarter of the mutants (a module that would take hours).

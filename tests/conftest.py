@@ -167,6 +167,7 @@ class GroupScheduling(LoadScopeScheduling):
         return group_of(nodeid)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown where its plugin is not loaded
 def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadScopeScheduling | None:
     return GroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
 
