@@ -13,13 +13,19 @@ from pydantic import ValidationError
 from dvpt_core.config import (
     DDR_GRADES,
     DEFAULT_TRACKING_URI,
+    RUN_PARAMETERS,
     ConfigError,
     ExperimentConfig,
+    KubeflowConfig,
     apply_overrides,
+    explicit_keys,
     load_config,
     parse_override,
     preset_path,
     read_yaml,
+    setting_value,
+    with_run_parameters,
+    with_settings,
 )
 
 DEFAULTS = ExperimentConfig()
@@ -97,6 +103,52 @@ PAPER_AND_SAFETY_DEFAULTS = [
     ("model.image_size", 224, ""), ("model.init_seed", 0, ""), ("model.activation", "gelu", ""),
     ("train.num_workers", 0, ""), ("train.seed", 0, ""), ("train.device", "auto", ""),
     ("train.process_group_timeout_s", 1800.0, "torch's own default for a process group"),
+    ("model.normalise", True, "inputs normalised as the backbone was pretrained"),
+    ("model.family", "auto", "decided from the backbone's name"),
+    # augmentation beyond flips and crops: off (the ddr-paper-swin preset turns the released script's on)
+    ("train.rotation", 0.0, ""), ("train.translate", 0.0, ""), ("train.color_jitter", (0.0, 0.0, 0.0, 0.0), ""),
+    # DVPT on SegFormer and EVP, the released configurations
+    ("model.segformer.decoder", "huggingface", "the Hugging Face decode head; 'released' is the authors'"),
+    ("model.segformer.prompts", 10, "released SegFormer code"),
+    ("model.segformer.hidden_dim", 10, "released SegFormer code"),
+    ("model.segformer.share_every", 2, "released SegFormer code"),
+    ("model.segformer.activation", "quick_gelu", "released SegFormer code"),
+    ("model.segformer.prompt_init_std", 0.02, "released SegFormer code"),
+    ("model.evp.scale_factor", 4, "EVP's released configurations; reproduces Tables 1 and 2"),
+    ("model.evp.frequency_ratio", 0.25, "EVP's released configurations"),
+    # the stand-in foundation model's pretraining (documented in README and DESIGN.md)
+    ("pretrain.train", 1200, ""), ("pretrain.valid", 120, ""), ("pretrain.test", 120, ""),
+    ("pretrain.epochs", 6, ""), ("pretrain.batch_size", 32, ""), ("pretrain.lr", 1e-3, ""),
+    ("pretrain.weight_decay", 0.05, ""), ("pretrain.warmup_epochs", 1, ""), ("pretrain.seed", 0, ""),
+    # every call to a tracking server is bounded (seconds, not MLflow's minutes)
+    ("tracking.request_timeout_s", 10.0, "bounded requests"),
+    ("tracking.request_retries", 2, "bounded requests"),
+    ("tracking.sync_wait_s", 60.0, "how long a lost server is waited for before `dvpt sync`"),
+    ("tracking.register_experiments", False, "`dvc exp run` leaves the registry alone"),
+    # the promotion gate
+    ("promotion.rule", "non_inferiority", ""),
+    ("promotion.margin", 0.01, "kappa differences between methods are 0.003-0.03"),
+    ("promotion.floor", 0.6, "a model must reach this metric to be promoted at all"),
+    ("promotion.resamples", 2000, "paired bootstrap"),
+    ("promotion.confidence", 0.95, "paired bootstrap"),
+    ("promotion.seed", 0, ""),
+    ("promotion.champion_alias", "champion", ""),
+    ("promotion.allow_different_data", False, "versions evaluated on other data are refused"),
+    ("promotion.lock_timeout_s", 60.0, "a crashed promotion's hold expires"),
+    # the data gate's severities
+    ("validation.class_missing_from_train", "error", "the model would never see the class"),
+    ("validation.class_missing_from_eval", "warning", "a small split of a rare class can lack it honestly"),
+    ("validation.single_class", "error", "nothing to learn"),
+    ("validation.unlisted_files", "warning", "usually an incomplete list"),
+]
+
+# Deployment settings of `dvpt kfp compile` (not part of an experiment's configuration).
+KUBEFLOW_DEFAULTS = [
+    ("data_repo", None), ("data_path", "data"), ("data_revision", "HEAD"),
+    ("gpus", 0), ("accelerator_type", "nvidia.com/gpu"), ("cpu", None), ("memory", None),
+    ("retries", 3), ("backoff", "30s"), ("backoff_factor", 2.0), ("backoff_max", "10m"),
+    ("parallelism", 4), ("train_launcher", "pod"), ("nodes", 1), ("processes_per_node", 1),
+    ("shared_storage", "20Gi"), ("storage_class", None), ("job_timeout_s", 7 * 24 * 3600),
 ]
 
 
@@ -111,6 +163,12 @@ def get(cfg: ExperimentConfig, dotted: str) -> Any:
 def test_defaults(key: str, default: Any, source: str) -> None:
     value = get(DEFAULTS, key)
     assert value == default and type(value) is type(default), source
+
+
+@pytest.mark.parametrize(("key", "default"), KUBEFLOW_DEFAULTS, ids=[d[0] for d in KUBEFLOW_DEFAULTS])
+def test_kubeflow_defaults(key: str, default: Any) -> None:
+    value = getattr(KubeflowConfig(), key)
+    assert value == default and type(value) is type(default)
 
 
 def test_defaults_are_fresh_objects_per_config() -> None:
@@ -175,6 +233,42 @@ BOUNDARIES = [
     ("train.process_group_timeout_s", 1e-9, 0.0),
     ("export.opset", 13, 12),
     ("export.parity_atol", 1e-12, 0.0),
+    ("model.segformer.prompts", 0, -1),
+    ("model.segformer.hidden_dim", 1, 0),
+    ("model.segformer.share_every", 1, 0),
+    ("model.segformer.prompt_init_std", 0.0, -1e-9),
+    ("model.evp.scale_factor", 1, 0),
+    ("model.evp.frequency_ratio", 1e-9, 0.0),
+    ("model.evp.frequency_ratio", 1 - 1e-9, 1.0),
+    ("train.rotation", 0.0, -1e-9),
+    ("train.rotation", 180.0, 180 + 1e-9),
+    ("train.translate", 0.0, -1e-9),
+    ("train.translate", 1 - 1e-9, 1.0),
+    ("pretrain.train", 8, 7), ("pretrain.valid", 8, 7), ("pretrain.test", 8, 7),
+    ("pretrain.epochs", 1, 0),
+    ("pretrain.batch_size", 1, 0),
+    ("pretrain.lr", 1e-9, 0.0),
+    ("pretrain.weight_decay", 0.0, -1e-9),
+    ("pretrain.warmup_epochs", 0, -1),
+    ("tracking.request_timeout_s", 1e-9, 0.0),
+    ("tracking.request_retries", 0, -1),
+    ("tracking.sync_wait_s", 0.0, -1e-9),
+    ("promotion.margin", 0.0, -1e-9),
+    ("promotion.resamples", 100, 99),
+    ("promotion.confidence", 0.5 + 1e-9, 0.5),
+    ("promotion.confidence", 1 - 1e-9, 1.0),
+    ("promotion.lock_timeout_s", 1e-9, 0.0),
+]
+
+KUBEFLOW_BOUNDARIES = [
+    ("gpus", 0, -1),
+    ("accelerator_type", "x", ""),
+    ("retries", 0, -1),
+    ("backoff_factor", 1.0, 1 - 1e-9),
+    ("parallelism", 1, 0),
+    ("nodes", 1, 0),
+    ("processes_per_node", 1, 0),
+    ("job_timeout_s", 1, 0),
 ]
 
 
@@ -183,6 +277,25 @@ def test_limits_at_their_boundary(key: str, accepted: Any, refused: Any) -> None
     assert get(ExperimentConfig.model_validate(nested(key, accepted)), key) == accepted
     with pytest.raises(ValidationError):
         ExperimentConfig.model_validate(nested(key, refused))
+
+
+@pytest.mark.parametrize(("key", "accepted", "refused"), KUBEFLOW_BOUNDARIES,
+                         ids=[f"{b[0]}={b[2]}" for b in KUBEFLOW_BOUNDARIES])
+def test_kubeflow_limits_at_their_boundary(key: str, accepted: Any, refused: Any) -> None:
+    assert getattr(KubeflowConfig.model_validate({key: accepted}), key) == accepted
+    with pytest.raises(ValidationError, match=key):
+        KubeflowConfig.model_validate({key: refused})
+
+
+def test_a_pytorchjob_gives_each_process_one_gpu() -> None:
+    """Refused only for a PyTorchJob on GPUs whose node would run more processes than it has GPUs."""
+    for settings in ({"train_launcher": "pytorchjob", "gpus": 2, "processes_per_node": 2},
+                     {"train_launcher": "pytorchjob", "gpus": 2, "processes_per_node": 1},
+                     {"train_launcher": "pytorchjob", "gpus": 0, "processes_per_node": 4},  # CPU processes
+                     {"train_launcher": "pod", "gpus": 1, "processes_per_node": 2}):  # the pod runs one process
+        assert KubeflowConfig.model_validate(settings).processes_per_node == settings["processes_per_node"]
+    with pytest.raises(ValidationError, match="processes_per_node=3 exceeds gpus=2: torchrun gives each process one GPU"):
+        KubeflowConfig.model_validate({"train_launcher": "pytorchjob", "gpus": 2, "processes_per_node": 3})
 
 
 def test_fractions_must_leave_something_to_train_on() -> None:
@@ -250,6 +363,55 @@ def test_weights_file_is_checked_on_load_and_reserved_backbone_kwargs_are_refuse
     assert ExperimentConfig.model_validate({"model": {"backbone_kwargs": {"depth": 2}}}).model.backbone_kwargs == {"depth": 2}
 
 
+def test_a_weights_file_for_segformer_is_only_the_stand_in(tmp_path: Path) -> None:
+    """SegFormer's pretrained weights are a save_pretrained folder or hub name, not a timm file."""
+    weights = str(tmp_path / "w.safetensors")
+    segformer = {"backbone": "nvidia/mit-b0", "weights_file": weights}
+    with pytest.raises(ValidationError, match="model.weights_file is a timm checkpoint file, or for SegFormer only"):
+        ExperimentConfig.model_validate({"model": segformer})
+    with pytest.raises(ValidationError, match="model.weights_file is a timm checkpoint file"):
+        ExperimentConfig.model_validate({"model": {**segformer, "weights": "random"}})
+    assert ExperimentConfig.model_validate({"model": {**segformer, "weights": "stand-in"}}).model.weights == "stand-in"
+    # A timm backbone named nothing like SegFormer takes a weights file, unless its family says SegFormer.
+    assert ExperimentConfig.model_validate({"model": {"weights_file": weights}}).model.resolved_family == "timm"
+    with pytest.raises(ValidationError, match="model.weights_file is a timm checkpoint file"):
+        ExperimentConfig.model_validate({"model": {"weights_file": weights, "family": "segformer"}})
+
+
+@pytest.mark.parametrize(("backbone", "family", "resolved"), [
+    ("nvidia/segformer-b0-finetuned-ade-512-512", "auto", "segformer"),
+    ("nvidia/MiT-B2", "auto", "segformer"),
+    ("/models/mit_b0", "auto", "segformer"),
+    ("vit_base_patch16_224", "auto", "timm"),
+    ("vit_base_patch16_224", "segformer", "segformer"),
+    ("/models/segformer-export", "timm", "timm"),
+])
+def test_the_family_is_given_or_read_from_the_backbone_name(backbone: str, family: str, resolved: str) -> None:
+    model = ExperimentConfig.model_validate({"model": {"backbone": backbone, "family": family}}).model
+    assert model.resolved_family == resolved
+
+
+def test_settings_and_run_parameters_set_dotted_keys_and_name_what_is_unknown() -> None:
+    cfg = with_settings(ExperimentConfig(), {"train.epochs": 3, "model.lora.rank": 4})
+    assert (cfg.train.epochs, cfg.model.lora.rank, cfg.train.lr) == (3, 4, 0.01)
+    assert setting_value(cfg, "model.lora.rank") == 4 and setting_value(cfg, "data.link_roots") == []
+    with pytest.raises(ConfigError, match=r"invalid configuration in train.epochs=0: train.epochs: .* \(got 0\)"):
+        with_settings(cfg, {"train.epochs": 0})
+    run = with_run_parameters(ExperimentConfig(), method="lora", epochs=2, learning_rate=0.5, label_ratio=0.5, seed=7)
+    assert [setting_value(run, RUN_PARAMETERS[name]) for name in ("method", "epochs", "learning_rate",
+                                                                   "label_ratio", "seed")] == ["lora", 2, 0.5, 0.5, 7]
+    assert with_run_parameters(ExperimentConfig()) == ExperimentConfig()
+    with pytest.raises(ConfigError, match=r"unknown run parameter\(s\) \['lr', 'zeta'\]; known: \['epochs', "):
+        with_run_parameters(ExperimentConfig(), epochs=2, lr=0.1, zeta=1)
+
+
+def test_explicit_keys_are_those_given_however_deep() -> None:
+    assert explicit_keys(ExperimentConfig()) == set()
+    given = load_config(None, ["model.lora.rank=4", "train.epochs=3", "model.prompts=50"])
+    assert explicit_keys(given) == {"model.lora.rank", "train.epochs", "model.prompts"}
+    assert explicit_keys(ExperimentConfig.from_json(given.to_json())) >= {"model.lora.rank", "data.format", "train.lr"}
+
+
 def test_tracking_uri_explicit_then_environment_then_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert ExperimentConfig().tracking.resolved_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlruns.db"
@@ -311,6 +473,10 @@ def test_preset_files_and_yaml_errors_name_the_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert read_yaml(empty) == {}
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model:\n  backbone: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin} is not UTF-8 text \\(byte 22: invalid continuation byte\\)"):
+        read_yaml(latin)
 
 
 def test_nested_sections_merge_key_by_key(tmp_path: Path) -> None:
