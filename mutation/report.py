@@ -10,6 +10,7 @@ killed / (mutants - equivalent); timeouts count as killed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tomllib
@@ -17,10 +18,16 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 RESULTS = HERE / "results"
 EQUIVALENT = HERE / "equivalent.toml"
 REPORT = HERE / "REPORT.md"
 TARGET_RATE = 0.90
+
+
+def source_digest(path: Path) -> str:
+    """What a result was computed on: a module's results say nothing about code written after them."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _norm(text: str) -> str:
@@ -86,7 +93,9 @@ def write_report(targets: dict) -> Path:
         "Kill rate = killed / (mutants - equivalent); a timeout counts as killed. Equivalent mutants are",
         "listed in `mutation/equivalent.toml` with the reason no test can tell them apart. A module run on",
         "a seeded random sample of its mutants (`--sample`) shows how many of all it tested and the",
-        "Wilson 95% interval of its kill rate.",
+        "Wilson 95% interval of its kill rate. A module whose source differs from the one its results",
+        "were computed on is marked \"code changed since\": run it again (`RETEST=1` tests only the",
+        "mutants not recorded as killed, so new code is tested and old kills are kept).",
         "",
         "| module | mutants | killed | timeout | survived | equivalent | kill rate | run | tests at |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
@@ -109,9 +118,10 @@ def write_report(targets: dict) -> Path:
             low, high = wilson_interval(killed, scored)
             mutants += f" of {total + result['not_sampled']} (sample)"
             flag += f", 95% CI {low:.1%}-{high:.1%}"
+        changed = "" if result.get("source_sha256") == source_digest(REPO / module) else " (code changed since)"
         lines.append(f"| `{module}` | {mutants} | {counts['killed'] + counts['incompetent']} | {counts['timeout']} | "
                      f"{len(survivors)} | {counts['equivalent']} | {rate:.1%}{flag} | "
-                     f"{result['run_s']} s | {result['commit']} |")
+                     f"{result['run_s']} s | {result['commit']}{changed} |")
         totals.update(counts)
         totals["mutants"] += total
         details += _module_details(module, survivors, equivalent)

@@ -253,7 +253,8 @@ def save_results(module: str, session: Path, args: list[str], baseline_s: float,
     result = {
         "module": module, "tests": args, "pytest": PYTEST_ARGS,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_describe(), "baseline_s": round(baseline_s, 1), "run_s": round(elapsed_s),
+        "commit": git_describe(), "source_sha256": report.source_digest(TREE / module),
+        "baseline_s": round(baseline_s, 1), "run_s": round(elapsed_s),
         "excluded_by_operator": skipped, "not_sampled": not_sampled, "mutants": mutants,
     }
     path = RESULTS / f"{module.replace('/', '.')}.json"
