@@ -129,7 +129,9 @@ def write_report(targets: dict) -> Path:
     killed = totals["killed"] + totals["timeout"] + totals["incompetent"]
     lines.append(f"| all modules run | {totals['mutants']} | {totals['killed'] + totals['incompetent']} | {totals['timeout']} | "
                  f"{totals['survived']} | {totals['equivalent']} | {killed / scored if scored else 1:.1%} | | |")
-    stale = [e for i, e in enumerate(equivalents) if i not in used and e["module"] in results]
+    # A sampled module's entry may name a mutant its sample did not draw: it cannot be judged stale.
+    stale = [e for i, e in enumerate(equivalents) if i not in used and e["module"] in results
+             and not results[e["module"]].get("not_sampled")]
     lines += ["", *details]
     if stale:
         lines += ["## Stale allow-list entries (no such survivor any more)", ""]
