@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from dvpt_core.config import (
     DDR_GRADES,
@@ -152,23 +152,23 @@ KUBEFLOW_DEFAULTS = [
 ]
 
 
-def get(cfg: ExperimentConfig, dotted: str) -> Any:
+def get(cfg: BaseModel, dotted: str) -> Any:
     value: Any = cfg
     for part in dotted.split("."):
         value = getattr(value, part)
     return value
 
 
-@pytest.mark.parametrize(("key", "default", "source"), PAPER_AND_SAFETY_DEFAULTS, ids=[d[0] for d in PAPER_AND_SAFETY_DEFAULTS])
-def test_defaults(key: str, default: Any, source: str) -> None:
-    value = get(DEFAULTS, key)
+# (configuration, key, default, source) for the experiment's settings and the deployment's.
+ALL_DEFAULTS = ([(DEFAULTS, *d) for d in PAPER_AND_SAFETY_DEFAULTS]
+                + [(KubeflowConfig(), key, default, "deployment default") for key, default in KUBEFLOW_DEFAULTS])
+
+
+@pytest.mark.parametrize(("cfg", "key", "default", "source"), ALL_DEFAULTS,
+                         ids=[f"{type(d[0]).__name__}.{d[1]}" for d in ALL_DEFAULTS])
+def test_defaults(cfg: BaseModel, key: str, default: Any, source: str) -> None:
+    value = get(cfg, key)
     assert value == default and type(value) is type(default), source
-
-
-@pytest.mark.parametrize(("key", "default"), KUBEFLOW_DEFAULTS, ids=[d[0] for d in KUBEFLOW_DEFAULTS])
-def test_kubeflow_defaults(key: str, default: Any) -> None:
-    value = getattr(KubeflowConfig(), key)
-    assert value == default and type(value) is type(default)
 
 
 def test_defaults_are_fresh_objects_per_config() -> None:
